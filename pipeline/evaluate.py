@@ -1,0 +1,147 @@
+"""The one evaluator. Every stage measures its artifact here, so numbers compare across stages.
+
+Accuracy goes through Ultralytics' own validator for both `.pt` (PyTorch) and `.onnx` (ONNX Runtime)
+artifacts, so NMS and the mAP definition are identical everywhere. Latency is always ONNX Runtime on
+CPU at batch 1: a `.pt` is exported to a temporary FP32 ONNX first, so a latency column means the same
+thing for every row.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from pipeline.params import Params
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+def _subset_data_yaml(data_yaml: Path, max_images: int, workdir: Path) -> Path:
+    """A data.yaml whose val split is the first `max_images` val images in sorted order (a fixed subset)."""
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    val = data["val"]
+    val_paths = val if isinstance(val, list) else [val]
+    images: list[str] = []
+    for entry in val_paths:
+        entry = Path(entry)
+        if entry.suffix == ".txt":
+            images += [line.strip() for line in entry.read_text().splitlines() if line.strip()]
+        else:
+            images += [str(p) for p in entry.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"}]
+    images = sorted(images)[:max_images]
+    if not images:
+        raise EvaluationError(f"{data_yaml}: the val split has no images")
+    listing = workdir / "val_subset.txt"
+    listing.write_text("\n".join(str(Path(p).resolve()) for p in images) + "\n")
+    subset = workdir / "data_subset.yaml"
+    subset.write_text(yaml.safe_dump({"path": str(workdir), "train": str(listing), "val": str(listing),
+                                      "names": data["names"]}))
+    return subset
+
+
+def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | None = None) -> dict:
+    """mAP50-95, mAP50, precision and recall of a .pt or .onnx artifact on the val split."""
+    from ultralytics import YOLO
+
+    with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
+        tmp = Path(tmp)
+        data = _subset_data_yaml(data_yaml, max_images, tmp) if max_images else data_yaml
+        model = YOLO(str(artifact), task="detect")
+        results = model.val(data=str(data), imgsz=params.train.imgsz, batch=params.evaluate.batch,
+                            conf=params.evaluate.conf, iou=params.evaluate.iou, device="cpu",
+                            workers=0, plots=False, verbose=False, project=str(tmp), name="val",
+                            exist_ok=True)
+    box = results.box
+    return {"map50_95": float(box.map), "map50": float(box.map50),
+            "precision": float(box.mp), "recall": float(box.mr)}
+
+
+def onnx_latency_ms(onnx_path: Path, threads: int, warmup: int, runs: int) -> float:
+    """Median batch-1 latency of an ONNX model in ONNX Runtime's CPU provider, after warm-up."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    model_input = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in model_input.shape]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    feed = {model_input.name: x}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def export_fp32_onnx(pt_path: Path, out_path: Path, imgsz: int, opset: int, simplify: bool) -> Path:
+    """Ultralytics ONNX export (with the metadata `YOLO("x.onnx")` needs), written to `out_path`."""
+    from ultralytics import YOLO
+
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        # Ultralytics writes the .onnx beside the .pt; export from a copy so stage outputs stay clean.
+        local_pt = Path(tmp) / "model.pt"
+        shutil.copyfile(pt_path, local_pt)
+        exported = YOLO(str(local_pt), task="detect").export(
+            format="onnx", imgsz=imgsz, opset=opset, simplify=simplify, dynamic=False, device="cpu",
+            verbose=False)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        staged = out_path.with_suffix(".onnx.tmp")
+        shutil.copyfile(exported, staged)
+        staged.replace(out_path)
+    return out_path
+
+
+def model_size(artifact: Path, imgsz: int) -> dict:
+    """Parameter count and GFLOPs. ONNX: parameters are counted from initializers; GFLOPs are not known."""
+    if artifact.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(artifact), load_external_data=False)
+        n_params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+        return {"params": n_params, "gflops": None}
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import get_flops
+
+    model = YOLO(str(artifact), task="detect").model
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"params": int(n_params), "gflops": round(float(get_flops(model, imgsz)), 4)}
+
+
+def evaluate(artifact: str | Path, data_yaml: str | Path, params: Params, *,
+             max_images: int | None = None, latency: bool = True) -> dict:
+    """Measure one artifact (.pt or .onnx) on the val split of `data_yaml`."""
+    artifact, data_yaml = Path(artifact), Path(data_yaml)
+    if not artifact.exists():
+        raise EvaluationError(f"{artifact}: no such artifact")
+    if artifact.suffix not in {".pt", ".onnx"}:
+        raise EvaluationError(f"{artifact}: expected a .pt or .onnx file")
+    file_bytes = artifact.stat().st_size
+    metrics = {**accuracy(artifact, data_yaml, params, max_images), **model_size(artifact, params.train.imgsz),
+               "file_bytes": file_bytes, "file_mb": round(file_bytes / 1e6, 4)}
+    if latency:
+        e = params.evaluate
+        if artifact.suffix == ".onnx":
+            metrics["latency_ms"] = onnx_latency_ms(artifact, e.threads, e.warmup, e.runs)
+        else:
+            with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
+                onnx_path = export_fp32_onnx(artifact, Path(tmp) / "model.onnx", params.train.imgsz,
+                                             params.export.opset, simplify=False)
+                metrics["latency_ms"] = onnx_latency_ms(onnx_path, e.threads, e.warmup, e.runs)
+        metrics["latency_threads"] = e.threads
+    return metrics
