@@ -76,7 +76,8 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     from ultralytics import YOLO
 
     p = params.train
-    out_dir = Path(out_dir)
+    # Absolute, or Ultralytics files a relative project under its own global runs folder.
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir / "ultralytics"
     shutil.rmtree(run_dir, ignore_errors=True)

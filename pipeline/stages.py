@@ -1,0 +1,134 @@
+"""The pipeline's stages bound to their standard paths under `outputs/`.
+
+Each function here is one stage exactly as dvc.yaml, the CLI and the Prefect flow run it: it reads the
+previous stage's outputs, calls the stage's own module, writes `outputs/<stage>/`, and publishes the
+artifact to the registry through its gates. Nothing else decides where files go.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.io import read_json, write_json
+from pipeline.params import DEMO_DATA_YAML, Params
+
+OUTPUTS = Path("outputs")
+TRAIN_DIR = OUTPUTS / "train"
+EXPORT_DIR = OUTPUTS / "export"
+GATE_DIR = OUTPUTS / "gate"
+VALIDATE_DIR = OUTPUTS / "validate"
+
+STAGES = ["validate", "train", "export", "gate"]
+
+
+class StageInputMissing(FileNotFoundError):
+    pass
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise StageInputMissing(f"{path}: missing; run `python -m pipeline {stage}` first")
+    return path
+
+
+def data_yaml(params: Params) -> Path:
+    """The dataset's data.yaml; the built-in demo dataset is generated on first use."""
+    path = Path(params.data.yaml)
+    if params.data.yaml == DEMO_DATA_YAML:
+        from pipeline.demo_data import generate_demo
+
+        return generate_demo(Path(params.data.dir), params.data.demo)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such data.yaml (set data.yaml in params.yaml or pass --data)")
+    return path
+
+
+def dataset_hash(params: Params) -> str:
+    from pipeline.dataset import dataset_hash as content_hash, load_data_yaml
+
+    return content_hash(load_data_yaml(data_yaml(params)))
+
+
+def demo(params: Params) -> dict:
+    return {"data_yaml": str(data_yaml(params))}
+
+
+def validate(params: Params) -> dict:
+    from pipeline.validate import validate as run_validation
+
+    result = run_validation(data_yaml(params), params.validate_, VALIDATE_DIR)
+    return {"success": result.success, "expectations": len(result.expectations), **result.stats}
+
+
+def train(params: Params) -> dict:
+    from pipeline.gates import publish
+    from pipeline.train import train as run_training
+
+    metrics = run_training(data_yaml(params), params, TRAIN_DIR)
+    gate = publish(params, stage="train", alias="trained", files={"best.pt": TRAIN_DIR / "best.pt"},
+                   primary="best.pt", metrics=metrics, gates=params.train.gates,
+                   dataset_hash=dataset_hash(params), out_dir=TRAIN_DIR)
+    return {"metrics": metrics, "gate": gate}
+
+
+def export(params: Params) -> dict:
+    from pipeline.evaluate import evaluate, export_fp32_onnx
+    from pipeline.export import check_loads_and_predicts
+    from pipeline.gates import publish
+
+    model = EXPORT_DIR / "model.onnx"
+    export_fp32_onnx(_require(TRAIN_DIR / "best.pt", "train"), model, params.train.imgsz,
+                     params.export.opset, params.export.simplify)
+    check_loads_and_predicts(model, data_yaml(params), params.train.imgsz)
+    metrics = evaluate(model, data_yaml(params), params)
+    write_json(EXPORT_DIR / "metrics.json", metrics)
+    gate = publish(params, stage="export", alias="exported", files={"model.onnx": model}, primary="model.onnx",
+                   metrics=metrics, gates=params.export.gates, dataset_hash=dataset_hash(params),
+                   out_dir=EXPORT_DIR, parent_alias="trained", reference=read_json(TRAIN_DIR / "metrics.json"))
+    return {"metrics": metrics, "gate": gate}
+
+
+def gate(params: Params) -> dict:
+    """Acceptance: absolute thresholds, then champion/challenger against the current production model."""
+    from pipeline.evaluate import evaluate
+    from pipeline.gates import GateFailed, check, format_report
+    from pipeline.params import StageGates
+    from pipeline.registry import open_registry
+
+    g = params.gate
+    registry = open_registry(params.registry)
+    candidate_version = registry.alias("exported")
+    if candidate_version is None:
+        raise StageInputMissing("registry has no 'exported' model; run `python -m pipeline export` first")
+    candidate = registry.manifest(candidate_version)
+    metrics = read_json(_require(EXPORT_DIR / "metrics.json", "export"))
+    if metrics.get("file_bytes") != candidate.files[candidate.primary].bytes:
+        raise StageInputMissing(f"{EXPORT_DIR / 'metrics.json'} does not describe registry version "
+                                f"{candidate_version}; rerun `python -m pipeline export`")
+    checks = check(metrics, StageGates(min_map50_95=g.min_map50_95, max_file_mb=g.max_file_mb,
+                                       max_latency_ms=g.max_latency_ms))
+    champion = registry.alias("production")
+    champion_metrics = None
+    if champion is not None and champion != candidate_version:
+        with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
+            files = registry.fetch(champion, Path(tmp))  # sha256-verified before anything loads it
+            champion_manifest = registry.manifest(champion)
+            champion_metrics = evaluate(files[champion_manifest.primary], data_yaml(params), params,
+                                        latency=False)
+        floor = champion_metrics["map50_95"] - g.champion_tolerance
+        checks.append({"gate": f"not_worse_than_production_v{champion}", "value": metrics["map50_95"],
+                       "limit": round(floor, 6), "passed": metrics["map50_95"] >= floor})
+    report = {"stage": "gate", "alias": "production", "version": candidate_version,
+              "passed": all(c["passed"] for c in checks), "checks": checks,
+              "production_before": champion, "champion_metrics": champion_metrics, "candidate_metrics": metrics}
+    write_json(GATE_DIR / "report.json", report)
+    registry.set_alias("candidate", candidate_version, reason="acceptance gate evaluated")
+    if not report["passed"]:
+        raise GateFailed(report)
+    if champion != candidate_version:
+        registry.set_alias("production", candidate_version, reason=format_report(report))
+    return report
+
+
+STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "export": export, "gate": gate}
