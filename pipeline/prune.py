@@ -1,0 +1,168 @@
+"""Stage `prune`: apply the sensitivity plan to the trained model in steps, fine-tuning after each.
+
+Step k of N prunes every unit of the plan to k/N of its planned ratio (measured against the original width,
+lowest-magnitude channels first, importance recomputed on the fine-tuned weights), then fine-tunes the pruned
+module itself for `epochs_per_step` epochs with Ultralytics' trainer and measures it with the shared evaluator.
+Pruning stops after the first step whose mAP50-95 drop versus the trained model exceeds `prune.max_drop`.
+The kept checkpoint is the most pruned step within max_drop (if even step 1 exceeds it, step 1 is kept and the
+metrics say so; the gate decides).
+
+Outputs in out_dir: best.pt (loads with `YOLO(path)` wherever `pipeline` is importable), metrics.json, steps.json.
+"""
+from __future__ import annotations
+
+import os
+
+# Ultralytics decides once, at import, whether it is online; never let a fine-tune reach the network.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from pipeline import surgery  # noqa: E402
+from pipeline.io import read_json, sha256_file, write_json  # noqa: E402
+from pipeline.params import Params  # noqa: E402
+from pipeline.sensitivity import group_roots, list_groups, load_model, prune_units  # noqa: E402
+
+
+class PruneError(RuntimeError):
+    pass
+
+
+def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
+    """Read plan.json and check it was made for this model's architecture."""
+    plan_json = Path(plan_json)
+    if not plan_json.is_file():
+        raise FileNotFoundError(f"{plan_json}: pruning plan not found (run the sensitivity stage first)")
+    try:
+        plan = read_json(plan_json)
+    except json.JSONDecodeError as e:
+        raise PruneError(f"{plan_json}: not valid JSON: {e}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("ratios"), dict) or "model" not in plan:
+        raise PruneError(f"{plan_json}: not a pruning plan (expected 'ratios' and 'model' keys)")
+    granularity = plan["model"].get("granularity", "layer")
+    units = list_groups(trained_pt, granularity)
+    if plan["model"].get("units") != units:
+        raise PruneError(f"{plan_json}: plan is for a different model architecture than {trained_pt} "
+                         f"(pruning units differ)")
+    unknown = sorted(set(plan["ratios"]) - set(units))
+    if unknown:
+        raise PruneError(f"{plan_json}: units {unknown} do not exist in {trained_pt}")
+    bad = {u: r for u, r in plan["ratios"].items() if not (isinstance(r, (int, float)) and 0 <= r < 1)}
+    if bad:
+        raise PruneError(f"{plan_json}: ratios must be in [0, 1): {bad}")
+    return plan
+
+
+def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path):
+    """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
+    back into it. Returns `model`.
+
+    Ultralytics' trainer normally builds a fresh model from the YAML, which would undo the pruning. Its
+    `setup_model` leaves an `nn.Module` already assigned to `trainer.model` alone, so the pruned module is
+    assigned right after construction.
+    """
+    import torch
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    p = params.train
+    overrides = dict(model=str(base_pt), data=str(data_yaml), epochs=epochs, imgsz=p.imgsz, batch=p.batch,
+                     seed=p.seed, deterministic=True, device=p.device, workers=p.workers, lr0=p.lr0,
+                     patience=max(epochs, 1), project=str(run_dir.parent), name=run_dir.name, exist_ok=True,
+                     plots=False, amp=False, verbose=False, pretrained=False, val=True,
+                     warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start
+    trainer = DetectionTrainer(overrides=overrides)
+    trainer.model = model.train()
+    trainer.train()
+    best = Path(trainer.best)
+    if not best.is_file():
+        raise PruneError(f"{best}: fine-tuning finished without a checkpoint")
+    trained = torch.load(best, map_location="cpu", weights_only=False)
+    weights = (trained.get("ema") or trained.get("model")).float().state_dict()
+    model.load_state_dict(weights)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)  # the trainer freezes DFL; keep the module uniform for the next step
+    return model.eval()
+
+
+def _measure(model, ckpt: dict, data_yaml, params: Params, path: Path, **extra) -> dict:
+    from pipeline.evaluate import evaluate
+
+    surgery.save_checkpoint(model, path, ckpt, **extra)
+    return evaluate(path, data_yaml, params, latency=False)
+
+
+def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Path, params: Params,
+              out_dir: str | Path) -> dict:
+    """Prune `trained_pt` by `plan_json` in `params.prune.steps` steps with fine-tuning; write out_dir/best.pt,
+    metrics.json and steps.json; return the metrics."""
+    from pipeline.evaluate import evaluate
+
+    trained_pt, data_yaml, out_dir = Path(trained_pt), Path(data_yaml), Path(out_dir)
+    if not trained_pt.is_file():
+        raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
+    if not data_yaml.is_file():
+        raise FileNotFoundError(f"{data_yaml}: data.yaml not found")
+    plan = load_plan(plan_json, trained_pt)
+    pp = params.prune
+    if pp.steps < 1:
+        raise PruneError(f"prune.steps must be >= 1, got {pp.steps}")
+
+    model, ckpt = load_model(trained_pt)
+    initial_channels = {root: module.out_channels for root, module in
+                        ((r, model.get_submodule(r)) for r in group_roots(model))}
+    params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
+    trained = evaluate(trained_pt, data_yaml, params, latency=False)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".prune-", dir=out_dir))
+    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
+    steps: list[dict] = []
+    best_step = None
+    try:
+        for step in range(1, pp.steps + 1):
+            step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
+            prune_units(model, step_ratios, initial_channels)
+            if pp.epochs_per_step > 0:
+                finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt)
+            n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
+            step_pt = work / f"step{step}.pt"
+            info = {"step": step, "of": pp.steps, "ratios": step_ratios}
+            metrics = _measure(model, ckpt, data_yaml, params, step_pt, pruning=info)
+            record = {"step": step, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
+                      "drop": round(trained["map50_95"] - metrics["map50_95"], 6), "params": n_params,
+                      "macs": macs, "params_reduction": round(1 - n_params / params_before, 4),
+                      "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt}
+            steps.append(record)
+            if record["drop"] <= pp.max_drop or best_step is None:
+                best_step = record
+            if record["drop"] > pp.max_drop:
+                break  # further steps prune more and would only drop further
+
+        best_pt = out_dir / "best.pt"
+        staged = out_dir / ".best.pt.tmp"
+        shutil.copyfile(best_step["checkpoint"], staged)
+        os.replace(staged, best_pt)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    final = evaluate(best_pt, data_yaml, params, latency=True)
+    metrics = {
+        "map50_95": final["map50_95"], "map50": final["map50"], "precision": final["precision"],
+        "recall": final["recall"], "params": final["params"], "gflops": final["gflops"],
+        "file_mb": final["file_mb"], "file_bytes": final["file_bytes"], "latency_ms": final.get("latency_ms"),
+        "params_reduction": best_step["params_reduction"], "macs_reduction": best_step["macs_reduction"],
+        "params_before": params_before, "macs_before": macs_before, "macs": best_step["macs"],
+        "trained_map50_95": trained["map50_95"], "drop": round(trained["map50_95"] - final["map50_95"], 6),
+        "steps_done": len(steps), "steps_planned": pp.steps, "kept_step": best_step["step"],
+        "within_max_drop": best_step["drop"] <= pp.max_drop,
+        "plan_target_met": plan.get("target_met"),
+        "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
+    }
+    for record in steps:
+        record.pop("checkpoint")
+    write_json(out_dir / "steps.json", steps)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,386 @@
+"""Stage `sensitivity`: how much mAP50-95 each part of the trained model loses when pruned alone.
+
+For every pruning unit (see `list_groups`) and every ratio in `params.sensitivity.ratios`, the trained model
+is pruned in that unit only, saved to a temporary checkpoint and measured with the shared evaluator on the
+fixed val subset (`params.sensitivity.val_images` images). The evaluations are independent and take only
+picklable arguments, so `run_sensitivity(..., map_fn=...)` can fan them out (Prefect `.map`, Dask, a pool);
+the default `map` runs them one after another, which is what the DVC stage does.
+
+Outputs in `out_dir`: sensitivity.csv / sensitivity.json (one row per unit and ratio), plot.png (one curve per
+unit) and plan.json (per-unit pruning ratios, see `build_plan`).
+
+Pruning units. Torch-Pruning finds ~60 coupled channel groups in YOLOv8 (one per convolution whose output
+channels are not tied to another's). Measuring each at 4 ratios is ~240 evaluations, too slow for the demo on
+two cores, so by default a unit is one Ultralytics layer (`model.6`: every group whose root convolution lives
+in layer 6, pruned at the same ratio), except the Detect head, where each box/class branch of each scale is its
+own unit (`model.22.cv2.0`), because the branches behave very differently. That is 22 units for YOLOv8.
+`list_groups(..., granularity="group")` returns the individual Torch-Pruning groups instead
+(`model.6.cv1_a.conv`); every function here accepts either kind of id.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pipeline.io import sha256_file, write_json, write_text
+from pipeline.params import Params
+from pipeline import surgery
+
+# Channel structure does not depend on image size; a small trace is enough and fast.
+TRACE_IMGSZ = 64
+CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed"]
+
+
+class SensitivityError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- pruning units
+
+
+def unit_of(group_root: str, granularity: str = "layer") -> str:
+    """The unit id a Torch-Pruning group (named by its root conv) belongs to."""
+    if granularity == "group":
+        return group_root
+    if granularity != "layer":
+        raise ValueError(f"granularity must be 'layer' or 'group', got {granularity!r}")
+    parts = group_root.split(".")  # model.<layer>.<submodule>...
+    layer = ".".join(parts[:2])
+    # Detect head: `model.22.cv2.0.1.conv` -> unit `model.22.cv2.0` (one box/class branch at one scale).
+    if len(parts) >= 5 and parts[2] in {"cv2", "cv3", "one2one_cv2", "one2one_cv3"} and parts[3].isdigit():
+        return ".".join(parts[:4])
+    return layer
+
+
+def in_unit(group_root: str, unit: str) -> bool:
+    return group_root == unit or group_root.startswith(unit + ".")
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(pt_path: str, mtime_ns: int, size: int):
+    # One load per process and checkpoint version: every evaluation then deep-copies the rewritten model,
+    # which is much cheaper than unpickling and rewriting it again.
+    return surgery.load_detection_model(pt_path)
+
+
+def load_model(trained_pt: str | Path):
+    """(rewritten FP32 model, checkpoint dict) for `trained_pt`; the model is a private copy."""
+    path = Path(trained_pt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trained checkpoint not found")
+    stat = path.stat()
+    model, ckpt = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return copy.deepcopy(model), ckpt
+
+
+def group_roots(model) -> list[str]:
+    """Root conv names of every prunable Torch-Pruning group, in model order."""
+    graph = surgery.build_dependency_graph(model, TRACE_IMGSZ)
+    roots = set(surgery.prunable_groups(model, graph))
+    return [name for name, _ in model.named_modules() if name in roots]
+
+
+def cached_group_roots(trained_pt: str | Path) -> list[str]:
+    """`group_roots` of a checkpoint, computed once per process and checkpoint version."""
+    path = Path(trained_pt).resolve()
+    stat = path.stat()
+    return _roots_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _roots_cached(pt_path: str, mtime_ns: int, size: int) -> list[str]:
+    model, _ = _load_cached(pt_path, mtime_ns, size)
+    return group_roots(copy.deepcopy(model))
+
+
+def list_groups(trained_pt: str | Path, granularity: str = "layer") -> list[str]:
+    """Stable ids of the pruning units of a trained checkpoint, in model order (see the module docstring)."""
+    if not Path(trained_pt).is_file():
+        raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
+    units: list[str] = []
+    for root in cached_group_roots(trained_pt):
+        unit = unit_of(root, granularity)
+        if unit not in units:
+            units.append(unit)
+    return units
+
+
+def prune_units(model, ratios: dict[str, float], initial_channels: dict[str, int] | None = None,
+                roots: list[str] | None = None) -> int:
+    """Prune `model` in place: each group inside a unit of `ratios` keeps round(initial * (1 - ratio)) channels.
+
+    `initial_channels` (root name -> channels before any pruning) lets iterative pruning aim at a fraction of the
+    original width; by default the current width is the reference. Returns the number of channels removed.
+    `roots` (from `group_roots`) saves listing the groups again, the slow part of it. Raises KeyError for a unit
+    that matches no prunable group.
+    """
+    graph = surgery.build_dependency_graph(model, TRACE_IMGSZ)
+    if roots is None:
+        roots = list(surgery.prunable_groups(model, graph))
+    modules = dict(model.named_modules())
+    removed = 0
+    for unit, ratio in ratios.items():
+        members = [root for root in roots if in_unit(root, unit)]
+        if not members:
+            raise KeyError(f"pruning unit {unit!r} matches no prunable group of this model")
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"pruning unit {unit!r}: ratio {ratio} is outside [0, 1)")
+        for root in members:
+            reference = (initial_channels or {}).get(root, modules[root].out_channels)
+            keep = max(1, round(reference * (1.0 - ratio)))
+            removed += surgery.prune_group(model, graph, root, keep)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def _evaluate_model(model, ckpt: dict, data_yaml, params: Params) -> dict:
+    from pipeline.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory(prefix="sensitivity-") as tmp:
+        pt = surgery.save_checkpoint(model, Path(tmp) / "candidate.pt", ckpt)
+        return evaluate(pt, data_yaml, params, max_images=params.sensitivity.val_images, latency=False)
+
+
+def evaluate_baseline(trained_pt: str | Path, data_yaml: str | Path, params: Params) -> dict:
+    """Metrics of the unpruned model, measured exactly like the pruned candidates (same subset, same path)."""
+    model, ckpt = load_model(trained_pt)
+    params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
+    metrics = _evaluate_model(model, ckpt, data_yaml, params)
+    return {"map50_95": metrics["map50_95"], "map50": metrics["map50"], "params": params_count, "macs": macs}
+
+
+def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params, group: str,
+                   ratio: float) -> dict:
+    """Prune one unit of the trained model at `ratio` and measure it. Pure: safe to run in any process.
+
+    Returns a row {group, ratio, map50_95, map50, params, macs, channels_removed}; `drop` is added by
+    `run_sensitivity`, which knows the baseline.
+    """
+    model, ckpt = load_model(trained_pt)
+    removed = prune_units(model, {group: float(ratio)}, roots=cached_group_roots(trained_pt))
+    params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
+    metrics = _evaluate_model(model, ckpt, data_yaml, params)
+    return {"group": group, "ratio": float(ratio), "map50_95": metrics["map50_95"], "map50": metrics["map50"],
+            "params": params_count, "macs": macs, "channels_removed": removed}
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+
+PLAN_RULE = (
+    "Per unit: the largest measured ratio r such that r and every smaller measured ratio lose at most "
+    "max_drop mAP50-95 (0 if even the smallest ratio does). If these ratios together reduce the target "
+    "(params or MACs) by more than target_reduction, all ratios are scaled down by one common factor until "
+    "the reduction just reaches the target; ratios are never raised above the per-unit budget, so if the "
+    "target is not reached the plan says so (target_met: false).")
+
+
+def budget_ratios(rows: list[dict], max_drop: float) -> dict[str, float]:
+    """Per unit, the largest ratio within budget, counting only ratios whose smaller ratios are within it too.
+
+    Requiring every smaller ratio to pass guards against a noisy, non-monotonic curve on a small val subset
+    (a lucky 0.6 after a failing 0.4 is not trusted).
+    """
+    by_unit: dict[str, list[dict]] = {}
+    for row in rows:
+        by_unit.setdefault(row["group"], []).append(row)
+    chosen: dict[str, float] = {}
+    for unit, unit_rows in by_unit.items():
+        best = 0.0
+        for row in sorted(unit_rows, key=lambda r: r["ratio"]):
+            if row["drop"] > max_drop:
+                break
+            best = row["ratio"]
+        chosen[unit] = best
+    return chosen
+
+
+def _additive_estimate(rows: list[dict], baseline: dict) -> Callable[[dict[str, float]], tuple[int, int]]:
+    """(params, MACs) of a plan estimated from the single-unit rows: sum of each unit's own reduction,
+    linearly interpolated between measured ratios. Overestimates slightly when neighbouring units are pruned
+    together (a conv losing inputs and outputs loses less than the sum)."""
+    curves: dict[str, list[tuple[float, int, int]]] = {}
+    for row in rows:
+        curves.setdefault(row["group"], []).append(
+            (row["ratio"], baseline["params"] - row["params"], baseline["macs"] - row["macs"]))
+
+    def reduction_at(unit: str, ratio: float) -> tuple[float, float]:
+        points = [(0.0, 0, 0)] + sorted(curves[unit])
+        for (r0, p0, m0), (r1, p1, m1) in zip(points, points[1:]):
+            if r0 <= ratio <= r1:
+                t = 0.0 if r1 == r0 else (ratio - r0) / (r1 - r0)
+                return p0 + t * (p1 - p0), m0 + t * (m1 - m0)
+        return float(points[-1][1]), float(points[-1][2])
+
+    def measure(ratios: dict[str, float]) -> tuple[int, int]:
+        params_cut = macs_cut = 0.0
+        for unit, ratio in ratios.items():
+            p, m = reduction_at(unit, ratio)
+            params_cut, macs_cut = params_cut + p, macs_cut + m
+        return round(baseline["params"] - params_cut), round(baseline["macs"] - macs_cut)
+
+    return measure
+
+
+def build_plan(rows: list[dict], baseline: dict, params: Params,
+               measure: Callable[[dict[str, float]], tuple[int, int]] | None = None) -> dict:
+    """Per-unit pruning ratios from the sensitivity rows. The rule (also written into the plan):
+
+    1. Per unit, the largest measured ratio r with drop <= params.sensitivity.max_drop for r and every smaller
+       measured ratio (0 if none).
+    2. If applying those ratios reduces `params.sensitivity.target` ("params" or "macs") by more than
+       `target_reduction`, every ratio is multiplied by one common factor s in [0, 1], found by bisection, so the
+       reduction just reaches the target. Scaling down never leaves the per-unit budget.
+    3. If the budget ratios reach less than the target, they are kept and the plan says target_met: false.
+
+    `rows` need group, ratio, drop, params, macs; `baseline` needs map50_95, params, macs. `measure(ratios) ->
+    (params, macs)` gives the size of the model pruned by a plan; by default it is estimated from the rows
+    (`run_sensitivity` passes a function that really prunes a copy of the model and counts).
+    """
+    s = params.sensitivity
+    if not rows:
+        raise SensitivityError("no sensitivity rows to build a plan from")
+    measure = measure or _additive_estimate(rows, baseline)
+    budget = budget_ratios(rows, s.max_drop)
+    key = "params" if s.target == "params" else "macs"
+
+    def reductions(ratios: dict[str, float]) -> dict[str, float]:
+        params_count, macs = measure({u: r for u, r in ratios.items() if r > 0})
+        return {"params": 1 - params_count / baseline["params"], "macs": 1 - macs / baseline["macs"],
+                "params_after": params_count, "macs_after": macs}
+
+    scale = 1.0
+    achieved = reductions(budget)
+    if achieved[key] > s.target_reduction:
+        low, high = 0.0, 1.0  # reduction(low) <= target < reduction(high)
+        for _ in range(12):
+            mid = (low + high) / 2
+            if reductions({u: r * mid for u, r in budget.items()})[key] > s.target_reduction:
+                high = mid
+            else:
+                low = mid
+        scale = high  # the smallest tried factor that still reaches the target
+        achieved = reductions({u: r * scale for u, r in budget.items()})
+    ratios = {u: round(r * scale, 4) for u, r in budget.items()}
+    target_met = achieved[key] >= s.target_reduction - 1e-9
+    note = ("target reached" if target_met else
+            f"the per-unit budget (max_drop={s.max_drop}) allows only {achieved[key]:.1%} {key} reduction, "
+            f"below the target {s.target_reduction:.0%}; the plan keeps every unit within budget instead")
+    return {
+        "rule": PLAN_RULE,
+        "max_drop": s.max_drop,
+        "target": s.target,
+        "target_reduction": s.target_reduction,
+        "budget_ratios": budget,
+        "scale": round(scale, 4),
+        "ratios": ratios,
+        "expected": {"params_reduction": round(achieved["params"], 4), "macs_reduction": round(achieved["macs"], 4),
+                     "params": achieved["params_after"], "macs": achieved["macs_after"]},
+        "target_met": bool(target_met),
+        "note": note,
+        "baseline": baseline,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Path) -> None:
+    """One curve per unit: mAP50-95 drop against pruning ratio, with the budget line; legend beside the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = list(dict.fromkeys(row["group"] for row in rows))
+    fig_height = max(4.5, 0.22 * len(units) / max(1, math.ceil(len(units) / 30)))
+    fig, ax = plt.subplots(figsize=(11, fig_height))
+    colours = plt.get_cmap("tab20").colors
+    styles = ["-", "--", ":", "-."]
+    for i, unit in enumerate(units):
+        points = sorted((r["ratio"], r["drop"]) for r in rows if r["group"] == unit)
+        ax.plot([0.0] + [p[0] for p in points], [0.0] + [p[1] for p in points], marker="o", markersize=3,
+                linewidth=1.2, color=colours[i % len(colours)], linestyle=styles[(i // len(colours)) % len(styles)],
+                label=unit.removeprefix("model."))
+    ax.axhline(max_drop, color="black", linestyle="--", linewidth=1, label=f"budget ({max_drop})")
+    ax.set_xlabel("fraction of channels pruned (this unit only)")
+    ax.set_ylabel("mAP50-95 drop vs unpruned (0.02 = 2 points)")
+    ax.set_title(f"Pruning sensitivity (baseline mAP50-95 {baseline['map50_95']:.3f})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=math.ceil(len(units) / 30),
+              frameon=False, title="unit (layer)", title_fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[int, int]]:
+    def measure(ratios: dict[str, float]) -> tuple[int, int]:
+        model, _ = load_model(trained_pt)
+        prune_units(model, ratios, roots=cached_group_roots(trained_pt))
+        return surgery.count_params_macs(model, imgsz)
+
+    return measure
+
+
+def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
+                    map_fn: Callable = map, groups: Iterable[str] | None = None,
+                    granularity: str = "layer") -> dict:
+    """Measure every unit at every ratio, then write sensitivity.csv/.json, plot.png and plan.json to out_dir.
+
+    `map_fn(func, *iterables)` runs the evaluations (builtin `map` style; a Prefect/Dask wrapper fans them out).
+    `groups` restricts the units (default: all of `list_groups(trained_pt, granularity)`).
+    Returns {"baseline", "rows", "plan", "outputs"}.
+    """
+    trained_pt, data_yaml, out_dir = Path(trained_pt), Path(data_yaml), Path(out_dir)
+    if not data_yaml.is_file():
+        raise FileNotFoundError(f"{data_yaml}: data.yaml not found")
+    all_units = list_groups(trained_pt, granularity)
+    units = list(groups) if groups is not None else all_units
+    ratios = sorted(set(float(r) for r in params.sensitivity.ratios))
+    if not ratios or not all(0.0 < r < 1.0 for r in ratios):
+        raise SensitivityError(f"sensitivity.ratios must be in (0, 1), got {params.sensitivity.ratios}")
+
+    baseline = evaluate_baseline(trained_pt, data_yaml, params)
+    jobs = [(unit, ratio) for unit in units for ratio in ratios]
+    n = len(jobs)
+    results = map_fn(evaluate_group, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
+                     [u for u, _ in jobs], [r for _, r in jobs])
+    rows = []
+    for row in results:
+        row = dict(row)
+        row["drop"] = round(baseline["map50_95"] - row["map50_95"], 6)
+        rows.append(row)
+
+    plan = build_plan(rows, baseline, params, measure=_plan_measure(trained_pt, params.train.imgsz))
+    plan["model"] = {"checkpoint": str(trained_pt), "sha256": sha256_file(trained_pt), "units": all_units,
+                     "granularity": granularity, "params": baseline["params"], "macs": baseline["macs"],
+                     "imgsz": params.train.imgsz}
+    plan["val_images"] = params.sensitivity.val_images
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_rows_csv(rows, out_dir / "sensitivity.csv")
+    write_json(out_dir / "sensitivity.json", rows)  # a plain list of records: what `dvc plots` reads
+    plot_sensitivity(rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
+    write_json(out_dir / "plan.json", plan)
+    return {"baseline": baseline, "rows": rows, "plan": plan,
+            "outputs": {name: str(out_dir / name) for name in
+                        ("sensitivity.csv", "sensitivity.json", "plot.png", "plan.json")}}
