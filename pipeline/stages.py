@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.io import read_json, write_json
 from pipeline.params import DEMO_DATA_YAML, Params
 
+DEMO_DIR = Path(DEMO_DATA_YAML).parent
 OUTPUTS = Path("outputs")
 TRAIN_DIR = OUTPUTS / "train"
 EXPORT_DIR = OUTPUTS / "export"
@@ -38,7 +39,7 @@ def data_yaml(params: Params) -> Path:
     if params.data.yaml == DEMO_DATA_YAML:
         from pipeline.demo_data import generate_demo
 
-        return generate_demo(Path(params.data.dir), params.data.demo)
+        return generate_demo(DEMO_DIR, params.data.demo)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such data.yaml (set data.yaml in params.yaml or pass --data)")
     return path
@@ -51,7 +52,11 @@ def dataset_hash(params: Params) -> str:
 
 
 def demo(params: Params) -> dict:
-    return {"data_yaml": str(data_yaml(params))}
+    """Always (re)writes the demo dataset in data/demo, whatever data.yaml points at: dvc.yaml's
+    `demo` stage owns that folder."""
+    from pipeline.demo_data import generate_demo
+
+    return {"data_yaml": str(generate_demo(DEMO_DIR, params.data.demo))}
 
 
 def validate(params: Params) -> dict:

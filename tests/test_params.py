@@ -1,0 +1,44 @@
+import pytest
+
+from pipeline.params import ParamsError, load_params
+
+
+def test_repo_params_load_and_hash_is_stable():
+    a = load_params("params.yaml")
+    b = load_params("params.yaml")
+    assert a.hash() == b.hash()
+    assert a.train.model.endswith(".yaml")
+    assert a.validate_.min_instances_per_class >= 1
+
+
+def test_overrides_are_typed_like_yaml():
+    p = load_params("params.yaml", ["train.epochs=3", "qat.ptq=false", "sensitivity.ratios=[0.1, 0.5]",
+                                    "registry.uri=s3://bucket/models"])
+    assert p.train.epochs == 3 and isinstance(p.train.epochs, int)
+    assert p.qat.ptq is False
+    assert p.sensitivity.ratios == [0.1, 0.5]
+    assert p.registry.uri == "s3://bucket/models"
+    assert p.hash() != load_params("params.yaml").hash()
+
+
+def test_data_option_points_at_another_dataset():
+    p = load_params("params.yaml", data="elsewhere/ds/data.yaml")
+    assert p.data.yaml == "elsewhere/ds/data.yaml"
+    assert p.data.dir == "elsewhere/ds"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "train.epoch"),  # typo: unknown key
+    ("train.epochs=lots", "train.epochs"),  # wrong type
+    ("noequals", "key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+        load_params("params.yaml", [override])
+
+
+def test_broken_params_file_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad)):
+        load_params(bad)
