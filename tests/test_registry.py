@@ -1,0 +1,417 @@
+"""The registry contract, run against both stores: a local folder and S3 (a moto server over HTTP)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+# s3server.py sits next to this file; make it importable however pytest was started.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from s3server import free_port, moto_s3  # noqa: E402,F401  (moto_s3 is a fixture)
+
+from pipeline.params import RegistryParams  # noqa: E402
+from pipeline.registry import (ChecksumError, Manifest, RegistryError, configure_dvc_remote,  # noqa: E402
+                               dvc_remote_url, open_registry)
+
+MODEL = "detector"
+
+
+@dataclass
+class Backend:
+    name: str
+    params: RegistryParams
+    overwrite: Callable[[str, bytes], None]  # replace a stored object behind the registry's back
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        root = tmp_path / "registry"
+        return Backend("local", RegistryParams(uri=str(root), model_name=MODEL),
+                       lambda key, data: (root / key).write_bytes(data))
+    server = request.getfixturevalue("moto_s3")
+    bucket = server.create_bucket(f"models-{uuid.uuid4().hex[:12]}")  # a fresh bucket per test
+    client = server.client()
+    return Backend("s3", RegistryParams(uri=f"s3://{bucket}/team/models", model_name=MODEL,
+                                        endpoint_url=server.endpoint),
+                   lambda key, data: client.put_object(Bucket=bucket, Key=f"team/models/{key}", Body=data))
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def register_model(reg, tmp_path: Path, weights: str, stage: str = "train", parent=None, **extra) -> Manifest:
+    best = write(tmp_path / "src" / stage / f"{weights}.pt", f"weights {weights}")
+    metrics_file = write(tmp_path / "src" / stage / f"{weights}.json", json.dumps({"map50_95": 0.5}))
+    return reg.register(stage=stage, files={"metrics.json": metrics_file, "best.pt": best}, primary="best.pt",
+                        metrics=extra.pop("metrics", {"map50_95": 0.5}), parent=parent, **extra)
+
+
+# ---------------------------------------------------------------- register, manifest, dedupe
+
+
+def test_register_writes_a_complete_manifest(backend, tmp_path):
+    reg = open_registry(backend.params)
+    params = {"train": {"epochs": 3}, "registry": {"uri": "x"}}
+    m = register_model(reg, tmp_path, "a", metrics={"map50_95": 0.61}, params=params, params_hash="p123",
+                       dataset_hash="d456", git_commit="abc123", actor="alice@ci")
+
+    best = (tmp_path / "src" / "train" / "a.pt").read_bytes()
+    assert m.model == MODEL and m.version == 1 and m.stage == "train" and m.primary == "best.pt"
+    assert m.sha256 == hashlib.sha256(best).hexdigest()
+    assert m.files["best.pt"].sha256 == m.sha256 and m.files["best.pt"].bytes == len(best)
+    assert set(m.files) == {"best.pt", "metrics.json"}
+    assert (m.metrics, m.params, m.params_hash, m.dataset_hash) == ({"map50_95": 0.61}, params, "p123", "d456")
+    assert (m.git_commit, m.parent, m.actor) == ("abc123", None, "alice@ci")
+    assert datetime.fromisoformat(m.created_at).utcoffset().total_seconds() == 0
+
+    # A second, fresh handle reads the same manifest back from the store (JSON round trip).
+    again = open_registry(backend.params)
+    assert again.manifest(1) == m
+    assert json.loads(again.manifest(1).model_dump_json())["files"]["best.pt"]["sha256"] == m.sha256
+    assert [v.version for v in again.versions()] == [1]
+    assert again.find_by_sha256(m.sha256) == m
+    assert again.find_by_sha256("0" * 64) is None
+    assert [e["action"] for e in again.events()] == ["register"]
+
+
+def test_default_actor_is_user_at_host(backend, tmp_path):
+    m = register_model(open_registry(backend.params), tmp_path, "a")
+    user, _, host = m.actor.partition("@")
+    assert user and host
+
+
+def test_same_primary_bytes_return_the_existing_version(backend, tmp_path):
+    reg = open_registry(backend.params)
+    first = register_model(reg, tmp_path, "a")
+    second = register_model(reg, tmp_path, "b")
+    again = register_model(reg, tmp_path, "a", stage="pruned", metrics={"map50_95": 0.9})
+    assert again == first
+    assert [m.version for m in reg.versions()] == [1, 2] and second.version == 2
+    assert [e["action"] for e in reg.events()] == ["register", "register"]
+
+
+def test_missing_version_and_bad_register_arguments(backend, tmp_path):
+    reg = open_registry(backend.params)
+    with pytest.raises(RegistryError, match="no version 7"):
+        reg.manifest(7)
+    with pytest.raises(RegistryError, match="primary 'nope.pt'"):
+        reg.register(stage="train", files={"best.pt": write(tmp_path / "x.pt", "x")}, primary="nope.pt")
+    with pytest.raises(RegistryError, match="does not exist"):
+        reg.register(stage="train", files={"best.pt": tmp_path / "missing.pt"}, primary="best.pt")
+    with pytest.raises(RegistryError, match="no version 3"):
+        register_model(reg, tmp_path, "a", parent=3)
+    assert reg.versions() == []
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", "", "..", "x y", "best;rm", ".hidden", "dvc"])
+def test_bad_model_names_are_rejected(backend, bad):
+    with pytest.raises(RegistryError) as error:
+        open_registry(backend.params.model_copy(update={"model_name": bad}))
+    assert repr(bad) in str(error.value)
+
+
+@pytest.mark.parametrize("kind, bad", [("stage", "../train"), ("stage", "a/b"), ("file", ".."),
+                                       ("file", "sub/best.pt"), ("file", "a\\b.pt"), ("file", ""),
+                                       ("file", "manifest.json"), ("alias", "prod/uction"),
+                                       ("alias", ""), ("alias", "..")])
+def test_bad_stage_file_and_alias_names_are_rejected(backend, tmp_path, kind, bad):
+    reg = open_registry(backend.params)
+    weights = write(tmp_path / "w.pt", "w")
+    with pytest.raises(RegistryError) as error:
+        if kind == "stage":
+            reg.register(stage=bad, files={"best.pt": weights}, primary="best.pt")
+        elif kind == "file":
+            reg.register(stage="train", files={bad: weights}, primary=bad)
+        else:
+            reg.register(stage="train", files={"best.pt": weights}, primary="best.pt")
+            reg.set_alias(bad, 1, reason="test")
+    assert repr(bad) in str(error.value)
+    assert [m.version for m in reg.versions()] == ([1] if kind == "alias" else [])
+
+
+def test_unknown_uri_scheme_is_rejected():
+    with pytest.raises(RegistryError, match="gs://bucket"):
+        open_registry(RegistryParams(uri="gs://bucket/models"))
+
+
+def test_relative_local_uri_is_under_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = register_model(open_registry(RegistryParams()), tmp_path, "a")
+    assert (tmp_path / "registry" / "detector" / "versions" / "1" / "manifest.json").is_file()
+    assert m.version == 1
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def register_and_promote(params: dict, workdir: str, writer: str, start_at: float) -> int:
+    """One writer: register its own weights, then make them production. Runs in threads and in
+    spawned processes, so it takes only plain arguments."""
+    reg = open_registry(RegistryParams(**params))
+    weights = write(Path(workdir) / f"{writer}.pt", f"weights of {writer}\n" * 100)
+    time.sleep(max(0.0, start_at - time.time()))  # everyone starts at the same moment
+    m = reg.register(stage="train", files={"best.pt": weights}, primary="best.pt", actor=writer)
+    reg.set_alias("production", m.version, reason=f"promoted by {writer}", actor=writer)
+    return m.version
+
+
+def test_concurrent_threads_and_processes_register_and_promote(backend, tmp_path):
+    threads, processes = 4, 3
+    params = backend.params.model_dump()
+    writers = [f"thread-{i}" for i in range(threads)] + [f"process-{i}" for i in range(processes)]
+    start_at = time.time() + 2.5  # time for the spawned processes to import everything
+    results: dict[str, int] = {}
+    errors = []
+
+    def in_thread(writer):
+        try:
+            results[writer] = register_and_promote(params, str(tmp_path), writer, start_at)
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pending = pool.starmap_async(register_and_promote,
+                                     [(params, str(tmp_path), w, start_at) for w in writers[threads:]])
+        running = [threading.Thread(target=in_thread, args=(w,)) for w in writers[:threads]]
+        for t in running:
+            t.start()
+        for t in running:
+            t.join()
+        results.update(zip(writers[threads:], pending.get(timeout=60)))
+    assert errors == []
+
+    reg = open_registry(backend.params)
+    everyone = len(writers)
+    assert sorted(results.values()) == list(range(1, everyone + 1))  # distinct, no gaps
+    assert [m.version for m in reg.versions()] == list(range(1, everyone + 1))
+    for writer, version in results.items():
+        m = reg.manifest(version)
+        assert m.actor == writer
+        fetched = reg.fetch(version, tmp_path / "fetched" / writer)
+        assert fetched["best.pt"].read_text() == f"weights of {writer}\n" * 100
+
+    # Production is one writer's version, and the alias's own history holds every other one exactly
+    # once: every compare-and-swap took effect, none overwrote another.
+    production = reg.alias("production")
+    assert production in results.values()
+    doc = json.loads(reg.store.get(f"{MODEL}/aliases/production.json")[0])
+    assert sorted(doc["history"] + [production]) == list(range(1, everyone + 1))
+
+    events = reg.events()
+    registers = [e for e in events if e["action"] == "register"]
+    promotes = [e for e in events if e["action"] == "promote"]
+    assert len(events) == 2 * everyone
+    assert sorted(e["version"] for e in registers) == list(range(1, everyone + 1))
+    assert sorted((e["actor"], e["version"]) for e in promotes) == sorted(results.items())
+    assert all(e["reason"] == f"promoted by {e['actor']}" for e in promotes)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_half_uploaded_version_is_invisible_and_skipped(backend, tmp_path):
+    reg = open_registry(backend.params)
+    # What a writer killed mid-upload leaves: its claim and part of its files, no manifest.
+    assert reg.store.put_if_absent(f"{MODEL}/claims/1", b'{"actor": "killed"}')
+    assert reg.store.put_if_absent(f"{MODEL}/versions/1/best.pt", b"half a model")
+    assert reg.versions() == []
+    with pytest.raises(RegistryError, match="no version 1"):
+        reg.manifest(1)
+    with pytest.raises(RegistryError, match="no version 1"):
+        reg.fetch(1, tmp_path / "out")
+
+    m = register_model(reg, tmp_path, "a")
+    assert m.version == 2
+    assert [v.version for v in reg.versions()] == [2]
+    assert reg.fetch(2, tmp_path / "out")["best.pt"].read_text() == "weights a"
+
+
+def test_killed_upload_process_leaves_no_version(backend, tmp_path):
+    """A real writer process killed while uploading a large file."""
+    big = write(tmp_path / "big.pt", os.urandom(1024 * 1024))
+    script = (
+        "import sys; from pathlib import Path; from pipeline.params import RegistryParams\n"
+        "from pipeline.registry import open_registry\n"
+        "reg = open_registry(RegistryParams.model_validate_json(sys.argv[1]))\n"
+        "store_put = reg.store.put_if_absent\n"
+        "def put(key, data):\n"
+        "    if key.endswith('manifest.json'):\n"
+        "        print('UPLOADED', flush=True); sys.stdin.readline()  # wait here until killed\n"
+        "    return store_put(key, data)\n"
+        "reg.store.put_if_absent = put\n"
+        "reg.register(stage='train', files={'best.pt': Path(sys.argv[2])}, primary='best.pt')\n")
+    writer = subprocess.Popen([sys.executable, "-c", script, backend.params.model_dump_json(), str(big)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline().strip() == "UPLOADED"  # artifacts are up, manifest is not
+    finally:
+        writer.kill()
+        writer.wait()
+    reg = open_registry(backend.params)
+    assert reg.versions() == []
+    assert register_model(reg, tmp_path, "a").version == 2
+
+
+def test_corrupted_object_fails_fetch_and_leaves_nothing(backend, tmp_path):
+    reg = open_registry(backend.params)
+    m = register_model(reg, tmp_path, "a")
+    assert list(m.files) == ["metrics.json", "best.pt"]  # best.pt is fetched after metrics.json
+    backend.overwrite(f"{MODEL}/versions/1/best.pt", b"weights b")  # same size, other bytes
+
+    dest = tmp_path / "dest"
+    with pytest.raises(ChecksumError) as error:
+        reg.fetch(1, dest)
+    assert "best.pt" in str(error.value) and m.sha256 in str(error.value)
+    assert list(dest.iterdir()) == []  # not even the intact metrics.json
+
+
+def test_fetch_verifies_and_returns_all_files(backend, tmp_path):
+    reg = open_registry(backend.params)
+    register_model(reg, tmp_path, "a")
+    fetched = reg.fetch(1, tmp_path / "dest")
+    assert set(fetched) == {"best.pt", "metrics.json"}
+    assert fetched["best.pt"] == tmp_path / "dest" / "best.pt"
+    assert fetched["best.pt"].read_text() == "weights a"
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["best.pt", "metrics.json"]
+
+
+def test_unreachable_s3_endpoint_fails_quickly_and_clearly(moto_s3):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    reg = open_registry(RegistryParams(uri="s3://models/team", endpoint_url=endpoint))
+    started = time.monotonic()
+    with pytest.raises(RegistryError) as error:
+        reg.versions()
+    assert time.monotonic() - started < 15
+    assert endpoint in str(error.value) and "cannot reach" in str(error.value)
+
+
+def test_missing_bucket_is_a_registry_error(moto_s3):
+    reg = open_registry(RegistryParams(uri="s3://no-such-bucket-here/x", endpoint_url=moto_s3.endpoint))
+    with pytest.raises(RegistryError, match="NoSuchBucket"):
+        reg.versions()
+
+
+# ---------------------------------------------------------------- aliases, rollback, lineage
+
+
+def test_set_alias_requires_an_existing_version(backend, tmp_path):
+    reg = open_registry(backend.params)
+    with pytest.raises(RegistryError, match="no version 1"):
+        reg.set_alias("candidate", 1, reason="x")
+    register_model(reg, tmp_path, "a")
+    assert reg.alias("candidate") is None
+    reg.set_alias("candidate", 1, reason="looks good", actor="bob")
+    assert reg.alias("candidate") == 1
+    assert reg.aliases() == {"candidate": 1}
+    last = reg.events()[-1]
+    assert {k: last[k] for k in ("actor", "action", "version", "alias", "reason")} == {
+        "actor": "bob", "action": "promote", "version": 1, "alias": "candidate", "reason": "looks good"}
+
+
+def test_rollback_without_earlier_production_is_a_clear_error(backend, tmp_path):
+    reg = open_registry(backend.params)
+    with pytest.raises(RegistryError, match="'production' is not set"):
+        reg.rollback(reason="nothing there")
+    register_model(reg, tmp_path, "a")
+    reg.set_alias("production", 1, reason="first")
+    with pytest.raises(RegistryError, match="no earlier production version than v1"):
+        reg.rollback(reason="still nothing")
+    assert reg.alias("production") == 1
+
+
+def test_rollback_after_two_promotions(backend, tmp_path):
+    reg = open_registry(backend.params)
+    for name in "abc":
+        register_model(reg, tmp_path, name)
+    reg.set_alias("production", 1, reason="first release")
+    reg.set_alias("production", 2, reason="second release")
+    reg.set_alias("production", 3, reason="third release")
+
+    assert reg.rollback(reason="v3 misses small boxes", actor="oncall") == 2
+    assert reg.alias("production") == 2
+    last = reg.events()[-1]
+    assert (last["action"], last["version"], last["previous"], last["reason"], last["actor"]) == (
+        "rollback", 2, 3, "v3 misses small boxes", "oncall")
+
+    assert reg.rollback(reason="v2 too") == 1  # walks further back, not back to 3
+    with pytest.raises(RegistryError, match="no earlier"):
+        reg.rollback(reason="nothing before v1")
+
+    assert reg.rollback(reason="explicit", to=3) == 3
+    assert reg.alias("production") == 3
+    assert reg.rollback(reason="undo explicit") == 1
+    assert [e["action"] for e in reg.events()][-5:] == ["promote", "rollback", "rollback", "rollback", "rollback"]
+
+
+def test_lineage_follows_parents(backend, tmp_path):
+    reg = open_registry(backend.params)
+    trained = register_model(reg, tmp_path, "t", stage="train")
+    pruned = register_model(reg, tmp_path, "p", stage="prune", parent=trained.version)
+    qat = register_model(reg, tmp_path, "q", stage="qat", parent=pruned.version)
+    exported = register_model(reg, tmp_path, "e", stage="export", parent=qat.version)
+    chain = reg.lineage(exported.version)
+    assert [(m.version, m.stage) for m in chain] == [(4, "export"), (3, "qat"), (2, "prune"), (1, "train")]
+    assert [m.version for m in reg.lineage(trained.version)] == [1]
+
+
+# ---------------------------------------------------------------- DVC remote on the same store
+
+
+def test_dvc_remote_url_sits_next_to_the_models(tmp_path):
+    assert dvc_remote_url(RegistryParams(uri="s3://bkt/team/models"), tmp_path) == "s3://bkt/team/models/dvc"
+    assert dvc_remote_url(RegistryParams(uri="s3://bkt"), tmp_path) == "s3://bkt/dvc"
+    assert dvc_remote_url(RegistryParams(uri="registry"), tmp_path) == "registry/dvc"
+    assert dvc_remote_url(RegistryParams(uri="/srv/reg"), tmp_path) == "/srv/reg/dvc"
+
+
+def dvc(repo: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
+                            env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_dvc_push_and_pull_through_the_registry_bucket(moto_s3, tmp_path):
+    bucket = moto_s3.create_bucket(f"dvc-{uuid.uuid4().hex[:12]}")
+    params = RegistryParams(uri=f"s3://{bucket}/team", endpoint_url=moto_s3.endpoint)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    assert configure_dvc_remote(params, repo) == f"s3://{bucket}/team/dvc"
+    config = (repo / ".dvc" / "config").read_text()
+    assert "remote = registry" in config and moto_s3.endpoint in config
+    assert "testing" not in config  # credentials stay in the AWS chain
+
+    data = write(repo / "data" / "labels.txt", "0 0.5 0.5 0.1 0.1\n")
+    dvc(repo, "add", "-q", "data")
+    dvc(repo, "push")
+    stored = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert stored and all(key.startswith("team/dvc/") for key in stored)
+
+    shutil.rmtree(repo / ".dvc" / "cache")
+    shutil.rmtree(repo / "data")
+    dvc(repo, "pull")
+    assert data.read_text() == "0 0.5 0.5 0.1 0.1\n"
