@@ -1,0 +1,188 @@
+"""`python -m pipeline registry ...`: look at and move model versions by hand.
+
+    registry list                          versions, with the aliases that point at them
+    registry show <v>                      one manifest and its lineage (v may be an alias name)
+    registry diff <a> <b>                  metrics and params that differ
+    registry promote <v> --to <alias>      move an alias (CAS, recorded in the event log)
+    registry rollback [--to <v>]           production back to its previous version
+    registry history                       the event log
+    registry dvc-remote [--repo DIR]       make the registry's store the default DVC remote
+
+Every command takes --json for scripts. Errors are raised as RegistryError (one line, exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.registry import (PRODUCTION, Manifest, Registry, RegistryError, configure_dvc_remote,
+                               open_registry)
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add the `registry` command (with its own sub-commands) to a parent's subparsers."""
+    parser = subparsers.add_parser("registry", help="list, inspect, promote and roll back model versions")
+    commands = parser.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="machine-readable output")
+
+    commands.add_parser("list", parents=[as_json], help="all versions")
+    show = commands.add_parser("show", parents=[as_json], help="one version's manifest and lineage")
+    show.add_argument("version", help="version number or alias name")
+    diff = commands.add_parser("diff", parents=[as_json], help="metrics and params that differ")
+    diff.add_argument("a", help="version number or alias name")
+    diff.add_argument("b", help="version number or alias name")
+    promote = commands.add_parser("promote", parents=[as_json], help="point an alias at a version")
+    promote.add_argument("version", help="version number or alias name")
+    promote.add_argument("--to", required=True, dest="alias", help="alias to move, e.g. production")
+    promote.add_argument("--reason", default="promoted by hand", help="recorded in the event log")
+    rollback = commands.add_parser("rollback", parents=[as_json],
+                                   help="production back to its previous version")
+    rollback.add_argument("--to", type=int, default=None, dest="to_version",
+                          help="this version instead of the previous one")
+    rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the event log")
+    commands.add_parser("history", parents=[as_json], help="the event log, oldest first")
+    remote = commands.add_parser("dvc-remote", parents=[as_json],
+                                 help="make the registry's store the default DVC remote")
+    remote.add_argument("--repo", default=".", help="the DVC repo (default: current directory)")
+    return parser
+
+
+def main(args: argparse.Namespace, params) -> int:
+    """Run one registry command with loaded Params; prints the result, returns the exit code."""
+    if args.registry_command == "dvc-remote":
+        url = configure_dvc_remote(params.registry, Path(args.repo))
+        emit(args, {"remote": "registry", "url": url, "default": True},
+             f"DVC remote 'registry' -> {url} (default)")
+        return 0
+
+    reg = open_registry(params.registry)
+    command = args.registry_command
+    if command == "list":
+        show_list(args, reg)
+    elif command == "show":
+        show_version(args, reg, resolve_version(reg, args.version))
+    elif command == "diff":
+        show_diff(args, reg, resolve_version(reg, args.a), resolve_version(reg, args.b))
+    elif command == "promote":
+        version = resolve_version(reg, args.version)
+        before = reg.alias(args.alias)
+        reg.set_alias(args.alias, version, reason=args.reason)
+        emit(args, {"alias": args.alias, "version": version, "previous": before},
+             f"{args.alias}: v{before} -> v{version}" if before else f"{args.alias}: -> v{version}")
+    elif command == "rollback":
+        before = reg.alias(PRODUCTION)
+        version = reg.rollback(reason=args.reason, to=args.to_version)
+        emit(args, {"alias": PRODUCTION, "version": version, "previous": before},
+             f"{PRODUCTION}: v{before} -> v{version} (rolled back)")
+    elif command == "history":
+        events = reg.events()
+        emit(args, events, table(["time", "actor", "action", "alias", "version", "reason"],
+                                 [[e.get(k) for k in ("time", "actor", "action", "alias", "version",
+                                                      "reason")] for e in events]))
+    else:
+        raise RegistryError(f"unknown registry command {command!r}")
+    return 0
+
+
+def resolve_version(reg: Registry, text: str | int) -> int:
+    """'3' -> 3; 'production' -> the version the alias points at."""
+    if isinstance(text, int) or str(text).isdigit():
+        return int(text)
+    version = reg.alias(str(text))
+    if version is None:
+        raise RegistryError(f"{text!r} is neither a version number nor a set alias")
+    return version
+
+
+def show_list(args, reg: Registry) -> None:
+    manifests = reg.versions()
+    aliases = reg.aliases()
+    by_version: dict[int, list[str]] = {}
+    for name, version in aliases.items():
+        by_version.setdefault(version, []).append(name)
+    if args.json:
+        print_json({"versions": [m.model_dump() for m in manifests], "aliases": aliases})
+        return
+    rows = [[m.version, m.stage, m.created_at[:19], m.parent, m.sha256[:12], m.actor,
+             ", ".join(by_version.get(m.version, []))] for m in manifests]
+    print(table(["version", "stage", "created", "parent", "sha256", "actor", "aliases"], rows)
+          if rows else "(no versions)")
+
+
+def show_version(args, reg: Registry, version: int) -> None:
+    manifest = reg.manifest(version)
+    chain = reg.lineage(version)
+    if args.json:
+        print_json({"manifest": manifest.model_dump(), "lineage": [m.version for m in chain]})
+        return
+    print(f"{manifest.model} v{manifest.version}  stage={manifest.stage}  created={manifest.created_at}"
+          f"  actor={manifest.actor}")
+    print(f"primary {manifest.primary}  sha256={manifest.sha256}")
+    print(f"params_hash={manifest.params_hash}  dataset_hash={manifest.dataset_hash}"
+          f"  git_commit={manifest.git_commit}")
+    print("\nfiles:")
+    print(table(["name", "bytes", "sha256"],
+                [[name, entry.bytes, entry.sha256] for name, entry in manifest.files.items()]))
+    if manifest.metrics:
+        print("\nmetrics:")
+        print(table(["metric", "value"], sorted(flatten(manifest.metrics).items())))
+    print("\nlineage: " + " <- ".join(f"v{m.version} ({m.stage})" for m in chain))
+
+
+def show_diff(args, reg: Registry, a: int, b: int) -> None:
+    ma, mb = reg.manifest(a), reg.manifest(b)
+    differences = {
+        "manifest": differing(fields_to_compare(ma), fields_to_compare(mb)),
+        "metrics": differing(flatten(ma.metrics), flatten(mb.metrics)),
+        "params": differing(flatten(ma.params), flatten(mb.params)),
+    }
+    if args.json:
+        print_json({"a": a, "b": b, **{part: {k: {"a": va, "b": vb} for k, (va, vb) in diff.items()}
+                                       for part, diff in differences.items()}})
+        return
+    for part, diff in differences.items():
+        print(f"{part}: " + ("no differences" if not diff else ""))
+        if diff:
+            print(table(["key", f"v{a}", f"v{b}"], [[k, va, vb] for k, (va, vb) in sorted(diff.items())]))
+
+
+def fields_to_compare(m: Manifest) -> dict[str, Any]:
+    return {"stage": m.stage, "sha256": m.sha256, "params_hash": m.params_hash,
+            "dataset_hash": m.dataset_hash, "git_commit": m.git_commit, "parent": m.parent}
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}, so nested params diff key by key."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def emit(args, data, text: str) -> None:
+    if args.json:
+        print_json(data)
+    else:
+        print(text)
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
