@@ -1,0 +1,486 @@
+"""INT8 ONNX building and inspection: ORT static quantization, fused-kernel counts, metadata, finalizing.
+
+The INT8 scheme is the one ONNX Runtime's CPU provider runs fastest (measured, see the qat stage's notes):
+weights int8, symmetric, per output channel; activations uint8, asymmetric, per tensor; only the Conv
+nodes that feed an activation are quantized. The raw prediction convs of the head (box and class
+outputs), the DFL conv and the box decode stay float, because one 8-bit scale cannot span pixel box
+coordinates and class scores at once.
+
+Activation ranges come either from calibration images (the PTQ path) or from a QAT model
+(`activation_qparams`: tensor name -> (scale, zero_point) learned in torch), so that ORT's integer graph
+reproduces the fake-quant model instead of re-deriving its own ranges.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+# Ops whose presence right after a Conv marks it as a feature conv (quantized) rather than a raw
+# prediction conv (left float). SiLU is exported as Sigmoid + Mul.
+ACTIVATION_OPS = {"Sigmoid", "Relu", "Clip", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu"}
+INTEGER_CONV_OPS = {"QLinearConv", "ConvInteger"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class Int8Error(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Small ONNX helpers
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise Int8Error(f"{path}: ONNX file not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError / ValueError depending on the damage
+        raise Int8Error(f"{path}: not a readable ONNX model: {e}") from e
+
+
+def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json_atomic(data, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def input_image_size(model: onnx.ModelProto, path: str | Path = "") -> tuple[int, int]:
+    """(height, width) of the model's single NCHW image input; INT8 export needs a static size."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[2].dim_value or not dims[3].dim_value:
+        raise Int8Error(f"{path}: expected a static NCHW image input, got {[d.dim_value or d.dim_param for d in dims]}")
+    return dims[2].dim_value, dims[3].dim_value
+
+
+def consumers_by_tensor(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def feature_conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Conv nodes followed by an activation: the ones to quantize.
+
+    Works on any conv net without relying on node names: a conv whose output goes straight into
+    Concat/Reshape/Softmax (Detect's box and class convs, DFL) is a prediction conv and stays float.
+    """
+    consumers = consumers_by_tensor(model)
+    return [node for node in model.graph.node
+            if node.op_type == "Conv" and any(c.op_type in ACTIVATION_OPS for c in consumers.get(node.output[0], []))]
+
+
+def isolate_conv_inputs(model: onnx.ModelProto, convs: list[onnx.NodeProto]) -> dict[str, str]:
+    """Give the quantized convs their own copy (Identity) of any input tensor that other nodes also read.
+
+    ORT's quantizer rewires every reader of a quantized tensor to the DequantizeLinear output, so a
+    Concat or Add that shares its input with a conv would read rounded values. That changes the model
+    (the QAT torch model feeds them float), and costs a DequantizeLinear per such reader at run time.
+    With an Identity in between, only the convs read the quantized copy; ORT removes the Identity
+    itself when it optimizes the session. Returns {original tensor: tensor the convs now read}. In place.
+    """
+    conv_names = {n.name for n in convs}
+    consumers = consumers_by_tensor(model)
+    graph_outputs = {o.name for o in model.graph.output}
+    renamed: dict[str, str] = {}
+    for conv in convs:
+        tensor = conv.input[0]
+        if tensor in renamed:
+            conv.input[0] = renamed[tensor]
+            continue
+        others = [c for c in consumers.get(tensor, []) if c.name not in conv_names]
+        if not others and tensor not in graph_outputs:
+            continue
+        copy_name = f"{tensor}_conv_input"
+        model.graph.node.append(onnx.helper.make_node("Identity", [tensor], [copy_name], name=f"{tensor}_conv_input_Identity"))
+        renamed[tensor] = copy_name
+        conv.input[0] = copy_name
+    if renamed:  # keep the node list topologically sorted: each Identity right after its producer
+        _topological_sort(model)
+    return renamed
+
+
+def _topological_sort(model: onnx.ModelProto) -> None:
+    available = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered = []
+    while pending:
+        progressed = False
+        for node in list(pending):
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+                pending.remove(node)
+                progressed = True
+        if not progressed:
+            raise Int8Error(f"graph is not a DAG or reads undefined tensors: {[n.name for n in pending][:5]}")
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+def silu_nodes_after(model: onnx.ModelProto, convs: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The Sigmoid and Mul nodes of the SiLU that follows each conv (x * sigmoid(x))."""
+    consumers = consumers_by_tensor(model)
+    found = []
+    for conv in convs:
+        out = conv.output[0]
+        for sig in consumers.get(out, []):
+            if sig.op_type != "Sigmoid":
+                continue
+            for mul in consumers.get(sig.output[0], []):
+                if mul.op_type == "Mul" and out in mul.input:
+                    found += [sig, mul]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration images
+
+
+def calibration_image_paths(data_yaml: str | Path, n: int, split: str = "train") -> list[Path]:
+    """The first n images (sorted) of a split of an Ultralytics data.yaml.
+
+    The train split by default: calibrating on val would leak the images the gates are measured on.
+    """
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml), autodownload=False)
+    sources = data.get(split)
+    if not sources:
+        raise Int8Error(f"{data_yaml}: no '{split}' split to take calibration images from")
+    images: list[Path] = []
+    for source in sources if isinstance(sources, list) else [sources]:
+        source = Path(source)
+        if source.is_dir():
+            images += [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif source.suffix == ".txt":  # a list of image paths, relative to the list file's folder
+            for line in source.read_text().splitlines():
+                if line.strip():
+                    p = Path(line.strip())
+                    images.append(p if p.is_absolute() else source.parent / p)
+    images = sorted(images)[:n]
+    if not images:
+        raise Int8Error(f"{data_yaml}: the '{split}' split holds no images")
+    return images
+
+
+def letterboxed_input(image_path: str | Path, height: int, width: int) -> np.ndarray:
+    """A 1x3xHxW float32 RGB tensor in [0, 1], letterboxed exactly like Ultralytics' predictor."""
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    bgr = cv2.imread(str(image_path))
+    if bgr is None:
+        raise Int8Error(f"{image_path}: cannot read image")
+    boxed = LetterBox(new_shape=(height, width), auto=False)(image=bgr)
+    rgb = boxed[..., ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(rgb, dtype=np.float32)[None] / 255.0
+
+
+class ImageCalibrationReader:
+    """ORT CalibrationDataReader over a list of image files (duck-typed: get_next/rewind)."""
+
+    def __init__(self, image_paths: list[Path], input_name: str, height: int, width: int):
+        self.inputs = [letterboxed_input(p, height, width) for p in image_paths]
+        self.input_name = input_name
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.inputs):
+            return None
+        self.position += 1
+        return {self.input_name: self.inputs[self.position - 1]}
+
+    def rewind(self):
+        self.position = 0
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def set_range(self, start_index: int, end_index: int):  # used by ORT's strided calibration only
+        self.position = start_index
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization
+
+
+def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: list[Path], *,
+                  activation_qparams: dict[str, tuple[float, int]] | None = None,
+                  quantize_silu: bool = False, quant_format: str = "qdq", reduce_range: bool = True) -> dict:
+    """Write an INT8 copy of fp32_onnx: int8 per-channel weights, uint8 per-tensor activations.
+
+    calib_images: images that give ORT its MinMax ranges (needed even with activation_qparams, for any
+    tensor they do not cover). activation_qparams: tensor name -> (scale, zero_point) to use instead
+    of calibrated ranges, e.g. learned by QAT. quantize_silu: also quantize the Sigmoid and Mul of
+    each SiLU (ORT's QLinearSigmoid / QLinearMul). quant_format: "qdq" or "qoperator".
+    reduce_range: weights in [-64, 64] instead of [-127, 127]. Needed on x86 CPUs without VNNI (AVX2
+    only): their u8*s8 kernels add pairs of products in int16, which saturates with full-range weights
+    and uint8 activations (measured here: boxes off by 2 px on average at 160 px). The int8 storage
+    is the same either way; 7-bit weights are correct on every CPU, so that is the default.
+
+    Returns what was quantized: {"quantized_convs", "float_convs", "quantized_silu_nodes", ...}.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
+    model = load_onnx(fp32_onnx)
+    height, width = input_image_size(model, fp32_onnx)
+    convs = feature_conv_nodes(model)
+    if not convs:
+        raise Int8Error(f"{fp32_onnx}: no Conv followed by an activation, nothing to quantize")
+    all_convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    silu = silu_nodes_after(model, convs) if quantize_silu else []
+    # With SiLU quantized its output is an integer tensor anyway; isolating would only add Q/DQ pairs.
+    isolated = {} if quantize_silu else isolate_conv_inputs(model, convs)
+    if quantize_silu and not silu:
+        raise Int8Error(f"{fp32_onnx}: quantize_silu asked for, but the graph has no Sigmoid+Mul after its convs")
+    nodes_to_quantize = [n.name for n in convs + silu]
+    if len(set(nodes_to_quantize)) != len(nodes_to_quantize) or any(not name for name in nodes_to_quantize):
+        raise Int8Error(f"{fp32_onnx}: Conv/SiLU nodes need unique non-empty names to be selected for quantization")
+
+    overrides = {}
+    for tensor, (scale, zero_point) in (activation_qparams or {}).items():
+        overrides[isolated.get(tensor, tensor)] = [{"scale": np.array(scale, dtype=np.float32),
+                              "zero_point": np.array(zero_point, dtype=np.uint8)}]
+    extra_options = {"ActivationSymmetric": False, "WeightSymmetric": True}
+    if overrides:
+        extra_options["TensorQuantOverrides"] = overrides
+
+    reader = ImageCalibrationReader(calib_images, model.graph.input[0].name, height, width)
+    formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    if quant_format not in formats:
+        raise Int8Error(f"quant_format must be one of {sorted(formats)}, got {quant_format!r}")
+
+    out_onnx.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_onnx.with_name(f".{out_onnx.stem}.{os.getpid()}.tmp.onnx")
+    prepared = out_onnx.with_name(f".{out_onnx.stem}.{os.getpid()}.fp32.onnx")
+    try:
+        onnx.save(model, str(prepared))
+        quantize_static(
+            str(prepared), str(tmp), reader,
+            quant_format=formats[quant_format],
+            op_types_to_quantize=["Conv", "Sigmoid", "Mul"] if quantize_silu else ["Conv"],
+            nodes_to_quantize=nodes_to_quantize,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra_options,
+        )
+        # quantize_static drops the model's metadata; keep it so Ultralytics can load the result.
+        quantized = onnx.load(str(tmp))
+        _set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
+        save_onnx_atomic(quantized, out_onnx)
+    finally:
+        for path in (tmp, prepared):
+            if path.exists():
+                path.unlink()
+    return {
+        "quantized_convs": len(convs),
+        "float_convs": len(all_convs) - len(convs),
+        "quantized_silu_nodes": len(silu),
+        "calibration_images": len(calib_images),
+        "activation_overrides": len(overrides),
+        "isolated_conv_inputs": len(isolated),
+        "quant_format": quant_format,
+        "reduce_range": reduce_range,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspection
+
+
+def optimized_graph(onnx_path: str | Path, threads: int = 1) -> onnx.ModelProto:
+    """The graph ORT's CPU provider actually runs, after all its fusions (ORT_ENABLE_ALL)."""
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise Int8Error(f"{onnx_path}: ONNX file not found")
+    with tempfile.TemporaryDirectory(prefix="ort-opt-") as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3  # the "hardware specific optimizations" warning is expected
+        ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def count_integer_kernels(onnx_path: str | Path) -> dict:
+    """Op counts in ORT's optimized graph: how many convs really run as integer kernels.
+
+    Counting here, not in the quantizer's output, is the point: a QDQ Conv that ORT cannot fuse runs as
+    DequantizeLinear + float Conv, which is slower than no quantization at all.
+    """
+    ops = Counter(node.op_type for node in optimized_graph(onnx_path).graph.node)
+    integer_convs = sum(ops[op] for op in INTEGER_CONV_OPS)
+    float_convs = ops["Conv"] + ops["FusedConv"]
+    return {
+        "integer_convs": integer_convs,
+        "float_convs": float_convs,
+        "QLinearConv": ops["QLinearConv"],
+        "ConvInteger": ops["ConvInteger"],
+        "QuantizeLinear": ops["QuantizeLinear"],
+        "DequantizeLinear": ops["DequantizeLinear"],
+        "QLinearSigmoid": ops["QLinearSigmoid"],
+        "QLinearMul": ops["QLinearMul"],
+        "ops": dict(sorted(ops.items())),
+    }
+
+
+def int8_initializer_bytes(onnx_path: str | Path) -> dict:
+    """Bytes of weights stored as 8-bit integers vs float, to show the file really holds INT8 weights."""
+    model = load_onnx(onnx_path)
+    int8_bytes = float_bytes = other_bytes = 0
+    for init in model.graph.initializer:
+        size = onnx.numpy_helper.to_array(init).nbytes
+        if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            int8_bytes += size
+        elif init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            float_bytes += size
+        else:
+            other_bytes += size
+    return {"int8_bytes": int8_bytes, "float_bytes": float_bytes, "other_bytes": other_bytes,
+            "file_bytes": Path(onnx_path).stat().st_size}
+
+
+def ort_latency_ms(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: int = 5) -> float:
+    """Median batch-1 latency of ORT's CPU provider on a random input, in milliseconds."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    for _ in range(warmup):
+        session.run(None, {inp.name: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {inp.name: x})
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def ort_outputs(onnx_path: str | Path, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata and the final artifact
+
+
+def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def copy_metadata(src_onnx: str | Path, dst_onnx: str | Path) -> dict[str, str]:
+    """Copy metadata_props (Ultralytics' names, stride, imgsz, task, ...) from src to dst, in place."""
+    metadata = {p.key: p.value for p in load_onnx(src_onnx).metadata_props}
+    if not metadata:
+        raise Int8Error(f"{src_onnx}: has no metadata_props to copy (is it an Ultralytics ONNX export?)")
+    model = load_onnx(dst_onnx)
+    _set_metadata(model, metadata)
+    save_onnx_atomic(model, dst_onnx)
+    return metadata
+
+
+def _simplify_keeping_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim, but never at the cost of the INT8 weights: constant folding a weight's
+    DequantizeLinear would turn the weight back into float, so slimming is checked and undone then."""
+    import onnxslim
+
+    before = sum(1 for i in model.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    slim = onnxslim.slim(model)
+    after = sum(1 for i in slim.graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    return slim if after >= before else model
+
+
+def finalize_int8(chosen_onnx: str | Path, fp32_onnx_with_metadata: str | Path, out_onnx: str | Path,
+                  simplify: bool = True) -> dict:
+    """The deployable INT8 ONNX: chosen graph, simplified, with the FP32 export's Ultralytics metadata.
+
+    Verifies that the result still runs integer convs in ORT (slimming must not break the fusions)
+    and returns the kernel counts before and after.
+    """
+    chosen_onnx, out_onnx = Path(chosen_onnx), Path(out_onnx)
+    metadata = {p.key: p.value for p in load_onnx(fp32_onnx_with_metadata).metadata_props}
+    if not metadata:
+        raise Int8Error(f"{fp32_onnx_with_metadata}: has no metadata_props (expected Ultralytics' export)")
+    model = load_onnx(chosen_onnx)
+    kernels_before = count_integer_kernels(chosen_onnx)
+    if simplify:
+        model = _simplify_keeping_int8(model)
+    _set_metadata(model, metadata)
+    save_onnx_atomic(model, out_onnx)
+    kernels_after = count_integer_kernels(out_onnx)
+    if kernels_after["integer_convs"] < kernels_before["integer_convs"]:
+        # Slimming broke fusions: ship the unslimmed graph rather than a slower one.
+        model = load_onnx(chosen_onnx)
+        _set_metadata(model, metadata)
+        save_onnx_atomic(model, out_onnx)
+        kernels_after = count_integer_kernels(out_onnx)
+        simplify = False
+    return {"path": str(out_onnx), "simplified": simplify, "metadata_keys": sorted(metadata),
+            "integer_convs_before": kernels_before["integer_convs"],
+            "integer_convs_after": kernels_after["integer_convs"],
+            "file_bytes": out_onnx.stat().st_size}
+
+
+def parity_check(int8_onnx: str | Path, qat_torch_artifact: str | Path, data_yaml: str | Path, params,
+                 tolerance: float = 0.005, max_images: int | None = None) -> dict:
+    """mAP50-95 of the INT8 ONNX (ORT) and of the fake-quant QAT model (torch) on val; pass when
+    they differ by at most `tolerance` (0.005 = half a point)."""
+    from pipeline.evaluate import evaluate
+
+    onnx_metrics = evaluate(str(int8_onnx), str(data_yaml), params, max_images=max_images, latency=False)
+    torch_metrics = evaluate(str(qat_torch_artifact), str(data_yaml), params, max_images=max_images, latency=False)
+    diff = abs(onnx_metrics["map50_95"] - torch_metrics["map50_95"])
+    return {"int8_onnx_map50_95": onnx_metrics["map50_95"], "qat_torch_map50_95": torch_metrics["map50_95"],
+            "int8_onnx_map50": onnx_metrics.get("map50"), "qat_torch_map50": torch_metrics.get("map50"),
+            "abs_diff": diff, "tolerance": tolerance, "passed": bool(diff <= tolerance)}

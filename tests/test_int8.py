@@ -1,0 +1,182 @@
+"""INT8 ONNX building on a tiny random YOLOv8 (no training): integer kernels after ORT optimization, INT8
+weights in the file, outputs that track the fake-quant torch model, metadata and finalizing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pipeline import int8, qat
+
+IMGSZ = 64
+
+
+def _tiny_model(nc: int = 4):
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    from pipeline.surgery import rewrite_c2f
+
+    torch.manual_seed(0)
+    cfg = yaml_model_load("yolov8n.yaml")
+    cfg["scales"] = {"n": [0.33, 0.125, 1024]}
+    cfg["scale"] = "n"
+    model = DetectionModel(cfg, nc=nc, verbose=False)
+    model.names = {i: f"class{i}" for i in range(nc)}
+    # Random BatchNorm statistics: a fresh model's near-constant outputs would hide quantization errors.
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    rewrite_c2f(model)  # the form pruned checkpoints have
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random detector as .pt and FP32 ONNX (with Ultralytics metadata), plus calibration images."""
+    from pipeline.demo_data import generate_demo
+    from pipeline.evaluate import export_fp32_onnx
+    from pipeline.params import DemoParams
+
+    folder = tmp_path_factory.mktemp("int8")
+    data_yaml = generate_demo(folder / "data", DemoParams(n_train=8, n_val=4, n_empty=0, imgsz=IMGSZ, max_objects=2))
+    base_ckpt = {"train_args": {"imgsz": IMGSZ, "task": "detect", "data": str(data_yaml)}}
+    pt = qat.save_checkpoint(_tiny_model(), folder / "tiny.pt", base_ckpt)
+    fp32 = export_fp32_onnx(pt, folder / "tiny_fp32.onnx", IMGSZ, opset=17, simplify=True)
+    images = int8.calibration_image_paths(data_yaml, 4)
+    return {"folder": folder, "data_yaml": data_yaml, "pt": pt, "fp32": fp32, "images": images, "base_ckpt": base_ckpt}
+
+
+def test_ptq_holds_int8_weights_and_integer_convs(tiny):
+    out = tiny["folder"] / "ptq.onnx"
+    info = int8.quantize_onnx(tiny["fp32"], out, tiny["images"])
+
+    # Every conv followed by an activation is quantized; the head's box/class convs and DFL stay float.
+    fp32_graph = int8.load_onnx(tiny["fp32"])
+    n_convs = sum(n.op_type == "Conv" for n in fp32_graph.graph.node)
+    assert info["quantized_convs"] == len(int8.feature_conv_nodes(fp32_graph)) > 0
+    assert info["float_convs"] == n_convs - info["quantized_convs"] == 7  # 3 box + 3 class convs + DFL
+
+    kernels = int8.count_integer_kernels(out)  # counted in ORT's optimized graph, not in the quantizer's
+    assert kernels["integer_convs"] == info["quantized_convs"]
+    assert kernels["float_convs"] == info["float_convs"]
+
+    sizes = int8.int8_initializer_bytes(out)
+    assert sizes["int8_bytes"] > sizes["float_bytes"]
+    assert out.stat().st_size < 0.5 * Path(tiny["fp32"]).stat().st_size
+
+    # Concat/Add that share an input with a conv keep reading float: DequantizeLinear only feeds convs
+    # and the SiLU after them.
+    model = int8.load_onnx(out)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in producers and producers[name].op_type == "DequantizeLinear":
+                assert node.op_type in {"Conv", "Sigmoid", "Mul"}, node.name
+
+
+def test_quantized_silu_variant_fuses_sigmoid_and_mul(tiny):
+    out = tiny["folder"] / "ptq_qsilu.onnx"
+    info = int8.quantize_onnx(tiny["fp32"], out, tiny["images"], quantize_silu=True)
+    kernels = int8.count_integer_kernels(out)
+    assert kernels["integer_convs"] == info["quantized_convs"]
+    assert kernels["QLinearSigmoid"] > 0 and kernels["QLinearMul"] > 0
+
+
+def test_int8_onnx_tracks_fake_quant_torch_model(tiny):
+    from pipeline.surgery import load_detection_model
+
+    model, base_ckpt = load_detection_model(tiny["pt"])
+    qat.insert_quant_convs(model, "silu")
+    params = _params()
+    folder = tiny["folder"]
+    probe = qat.export_float_onnx(model, base_ckpt, folder / "probe.onnx", params)
+    mapping = qat.map_convs_to_onnx(model, probe)
+    assert len(mapping) == len(qat.quant_convs(model))
+    qat.share_input_observers(model, mapping)
+    qat.calibrate(model, tiny["images"], IMGSZ)
+    qparams = qat.activation_qparams(model, mapping)
+    out = folder / "qat.onnx"
+    int8.quantize_onnx(probe, out, tiny["images"], activation_qparams=qparams)
+
+    x = int8.letterboxed_input(tiny["images"][0], IMGSZ, IMGSZ)
+    int8_out = int8.ort_outputs(out, x)[0]
+    with torch.no_grad():
+        qat.set_fake_quant(model, True)
+        fake_quant = model(torch.from_numpy(x))[0].numpy()
+        qat.set_fake_quant(model, False)
+        float_out = model(torch.from_numpy(x))[0].numpy()
+    # The integer graph reproduces the fake-quant model: closer to it than to the float model. (Not equal:
+    # bias rounding and float summation order flip a few values by one step, and flips cascade.)
+    to_fake_quant = np.abs(int8_out - fake_quant).mean()
+    to_float = np.abs(int8_out - float_out).mean()
+    print(f"mean |int8 - fake quant| {to_fake_quant:.5f}, mean |int8 - float| {to_float:.5f}")
+    assert to_fake_quant < to_float, (to_fake_quant, to_float)
+    np.testing.assert_allclose(int8_out[:, 4:], fake_quant[:, 4:], atol=0.02)  # class scores
+
+
+def test_fake_quant_weight_matches_ort_weights(tiny):
+    """torch's fake-quant weights equal ORT's dequantized INT8 weights (same scale formula and range)."""
+    out = tiny["folder"] / "ptq_weights.onnx"
+    int8.quantize_onnx(tiny["fp32"], out, tiny["images"], reduce_range=qat.REDUCE_RANGE)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in int8.load_onnx(out).graph.initializer}
+    fp32 = {i.name: onnx.numpy_helper.to_array(i) for i in int8.load_onnx(tiny["fp32"]).graph.initializer}
+    checked = 0
+    for name, q in inits.items():
+        if not name.endswith("_quantized") or q.dtype != np.int8:
+            continue
+        weight_name = name[: -len("_quantized")]
+        scale = inits[f"{weight_name}_scale"].reshape(-1, 1, 1, 1)
+        torch_fq = qat.fake_quant_weight(torch.from_numpy(fp32[weight_name].copy())).numpy()
+        # ORT divides by the scale, torch multiplies by its inverse: an exact .5 may round the other way.
+        steps = np.abs(q.astype(np.float32) * scale - torch_fq) / scale
+        assert np.mean(steps > 0.5) < 1e-3 and steps.max() <= 1.0 + 1e-3
+        checked += 1
+    assert checked > 0
+
+
+def test_finalize_copies_metadata_keeps_integer_convs_and_predicts(tiny):
+    from ultralytics import YOLO
+
+    chosen = tiny["folder"] / "chosen.onnx"
+    int8.quantize_onnx(tiny["fp32"], chosen, tiny["images"])
+    final = tiny["folder"] / "final" / "model_int8.onnx"
+    report = int8.finalize_int8(chosen, tiny["fp32"], final)
+    assert report["integer_convs_after"] == report["integer_convs_before"] > 0
+    metadata = {p.key: p.value for p in int8.load_onnx(final).metadata_props}
+    for key in ("names", "stride", "imgsz", "task"):
+        assert key in metadata
+    results = YOLO(str(final), task="detect").predict(str(tiny["images"][0]), imgsz=IMGSZ, verbose=False)
+    assert len(results) == 1 and results[0].names[0] == "class0"
+
+    bare = tiny["folder"] / "bare.onnx"
+    int8.quantize_onnx(tiny["fp32"], bare, tiny["images"])
+    stripped = int8.load_onnx(bare)
+    del stripped.metadata_props[:]
+    int8.save_onnx_atomic(stripped, bare)
+    int8.copy_metadata(tiny["fp32"], bare)
+    assert {p.key for p in int8.load_onnx(bare).metadata_props} == set(metadata)
+
+
+def test_clear_errors(tmp_path, tiny):
+    with pytest.raises(int8.Int8Error, match="not found"):
+        int8.count_integer_kernels(tmp_path / "missing.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(int8.Int8Error, match="broken.onnx"):
+        int8.quantize_onnx(broken, tmp_path / "out.onnx", tiny["images"])
+
+
+def _params():
+    from pipeline.params import Params
+
+    params = Params()
+    params.train.imgsz = IMGSZ
+    params.export.simplify = True
+    return params
