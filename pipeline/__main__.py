@@ -9,7 +9,7 @@ import time
 from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params
 
 STAGE_HELP = {
-    "demo": "generate the built-in demo dataset (only when data.yaml is the demo's)",
+    "demo": "generate the built-in demo dataset into data/demo",
     "validate": "check the dataset with Great Expectations; stops on bad data",
     "train": "train a YOLO model from its model YAML; registers best.pt",
     "export": "export to ONNX, check it loads in Ultralytics, evaluate, register",

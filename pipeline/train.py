@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import keep_datasets_read_only
 from pipeline.evaluate import evaluate
 from pipeline.io import write_json
 from pipeline.params import Params, TrainParams
@@ -75,6 +76,7 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     """Train, then write best.pt (stripped), metrics.json, curves.csv and curves.png to `out_dir`."""
     from ultralytics import YOLO
 
+    keep_datasets_read_only()
     p = params.train
     # Absolute, or Ultralytics files a relative project under its own global runs folder.
     out_dir = Path(out_dir).resolve()
