@@ -335,7 +335,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
             step += 1
         log.append({"epoch": epoch + 1, "loss": total / max(len(loader), 1), "seconds": round(time.time() - start, 1),
                     "ranges_frozen": last})

@@ -1,0 +1,96 @@
+"""Stage qat on the tiny trained model: candidates written and measured, the gate's choice and its reasons."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import int8, qat
+from pipeline.params import StageGates
+
+
+def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
+    """On a random tiny model (the stage needs any Ultralytics checkpoint, trained or not)."""
+    from pipeline.demo_data import generate_demo
+    from pipeline.params import DemoParams, Params
+
+    from tests.test_int8 import IMGSZ, _tiny_model
+
+    data_yaml = generate_demo(tmp_path / "data", DemoParams(n_train=8, n_val=4, n_empty=0, imgsz=IMGSZ, max_objects=2))
+    trained_pt = qat.save_checkpoint(_tiny_model(), tmp_path / "pruned.pt",
+                                     {"train_args": {"imgsz": IMGSZ, "task": "detect", "data": str(data_yaml)}})
+    params = Params.model_validate({
+        "train": {"imgsz": IMGSZ, "batch": 4},
+        "evaluate": {"batch": 4, "warmup": 1, "runs": 3},
+        "qat": {"epochs": 1, "calib_images": 4, "activation": "silu",
+                "gates": {"max_map_drop": 1.0, "max_file_mb": 20}},
+    })
+    trained_metrics = {"map50_95": 0.0}
+    out = tmp_path / "outputs" / "qat"
+
+    metrics = qat.run_qat(trained_pt, data_yaml, params, out, trained_metrics, trained_metrics)
+
+    candidates = json.loads((out / "candidates.json").read_text())["candidates"]
+    assert set(candidates) == {"qat_int8", "qat_qsilu_int8", "ptq_int8"}
+    fp32_mb = Path(out / "pruned_fp32.onnx").stat().st_size / 1e6
+    for name, candidate in candidates.items():
+        m = candidate["metrics"]
+        assert Path(candidate["path"]).is_file()
+        assert m["integer_convs"] == candidate["quantization"]["quantized_convs"] > 0, name
+        assert m["int8_bytes"] > m["float_bytes"]
+        assert m["file_mb"] < fp32_mb
+        for key in ("map50_95", "latency_ms", "latency_ms_1thr", "latency_ms_2thr"):
+            assert m[key] is not None
+        assert candidate["passed"] == (not candidate["gate_failures"])
+    assert (out / "model_int8.onnx").is_file()
+    assert (out / "qat_model.pt").is_file()  # the fake-quant torch model for export's parity check
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=float))
+    assert metrics["chosen"] in candidates
+    if not metrics["passed"]:  # on 2 busy cores a 64 px model may well not beat FP32 latency
+        assert metrics["why_none_passed"] and all(metrics["why_none_passed"].values())
+
+    # The fake-quant torch model loads and validates through Ultralytics like any checkpoint.
+    from pipeline.evaluate import evaluate
+
+    torch_metrics = evaluate(out / "qat_model.pt", data_yaml, params, latency=False)
+    assert torch_metrics["map50_95"] == pytest.approx(candidates["qat_int8"]["qat_torch_map50_95"])
+
+
+def test_gate_failures_name_each_violation():
+    metrics = {"map50_95": 0.40, "file_mb": 6.0, "latency_ms": 9.0}
+    gates = StageGates(max_map_drop=0.05, max_file_mb=5, max_latency_ms=8)
+    failures = qat.gate_failures(metrics, gates, trained_map=0.50, reference_latency_ms=7.0)
+    assert len(failures) == 4
+    assert any("drops 0.1000" in f for f in failures)
+    assert any("6.00 MB > 5" in f for f in failures)
+    assert any("> 8" in f for f in failures)
+    assert any("pruned FP32 ONNX 7.00 ms" in f for f in failures)
+    assert qat.gate_failures({"map50_95": 0.49, "file_mb": 3.0, "latency_ms": 5.0}, gates, 0.50, 7.0) == []
+
+
+def test_run_qat_rejects_bad_inputs(tmp_path):
+    from pipeline.params import Params
+
+    with pytest.raises(qat.QatError, match="missing.pt"):
+        qat.run_qat(tmp_path / "missing.pt", tmp_path / "data.yaml", Params(), tmp_path / "out", {"map50_95": 0.5}, {})
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"x")
+    with pytest.raises(qat.QatError, match="map50_95"):
+        qat.run_qat(pt, tmp_path / "data.yaml", Params(), tmp_path / "out", {}, {})
+
+
+def test_activation_qparams_follow_ort_formula():
+    import torch
+
+    quant = qat.ActivationQuant()
+    quant.observe = True
+    quant(torch.tensor([-1.0, 3.0]))
+    scale, zero_point = quant.qparams()
+    assert scale == pytest.approx(4.0 / 255)
+    assert zero_point == round(1.0 / (4.0 / 255))
+    quant.observe, quant.enabled = False, True
+    y = quant(torch.tensor([0.0, 10.0]))
+    assert y[0].item() == 0.0  # zero is exactly representable
+    assert y[1].item() == pytest.approx((255 - zero_point) * scale)  # clipped at the top of the range
+    assert int8.ACTIVATION_OPS  # the graph-side rule the torch side mirrors
