@@ -446,9 +446,12 @@ class Registry:
             params=params or {}, dataset_hash=dataset_hash, git_commit=git_commit, parent=parent,
             created_at=utc_now(), actor=actor)
         # The manifest goes last: until it exists the version is invisible to every reader.
-        if not self.store.put_if_absent(self._key("versions", version, MANIFEST_FILE),
-                                        manifest.model_dump_json(indent=2).encode()):
-            raise RegistryError(f"{self.model}: version {version} already has a manifest")
+        manifest_key = self._key("versions", version, MANIFEST_FILE)
+        manifest_bytes = manifest.model_dump_json(indent=2).encode()
+        if not self.store.put_if_absent(manifest_key, manifest_bytes):
+            found = self.store.get(manifest_key)
+            if found is None or found[0] != manifest_bytes:  # see _put_artifact for the benign case
+                raise RegistryError(f"{self.model}: version {version} already has another manifest")
         self._append_event(actor=actor, action="register", version=version, alias=None,
                            reason=f"stage {stage}")
         return manifest
@@ -466,7 +469,8 @@ class Registry:
     def _put_artifact(self, key: str, path: Path, sha: str) -> None:
         if self.store.put_if_absent(key, path):
             return
-        # Only possible when a retried request had already succeeded: accept identical content.
+        # Our claim makes the key ours, so it can only exist already when a request that the client
+        # retried had in fact succeeded the first time: accept identical content.
         found = self.store.get(key)
         if found is None or hashlib.sha256(found[0]).hexdigest() != sha:
             raise RegistryError(f"{self.store.description}: {key} exists with other content")
@@ -572,8 +576,9 @@ class Registry:
     def _append_event(self, **event) -> None:
         event = {"time": utc_now(), **event}
         key = self._key("events", f"{time.time_ns():020d}-{uuid.uuid4().hex}.json")
-        if not self.store.put_if_absent(key, to_json(event)):
-            raise RegistryError(f"{self.store.description}: event {key} already exists")
+        # The uuid makes the key ours alone; False can only mean a retried request had already
+        # written this very event.
+        self.store.put_if_absent(key, to_json(event))
 
     def events(self) -> list[dict]:
         events = []

@@ -169,8 +169,15 @@ def differing(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def cell(value, limit: int = 80) -> str:
+    """One table cell: None as '-', long or multi-line text (gate reports as reasons) cut short;
+    --json has the full text."""
+    text = "-" if value is None else " / ".join(str(value).split("\n"))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in row] for row in rows]
+    cells = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
