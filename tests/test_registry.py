@@ -306,6 +306,23 @@ def test_unreachable_s3_endpoint_fails_quickly_and_clearly(moto_s3):
     assert endpoint in str(error.value) and "cannot reach" in str(error.value)
 
 
+def test_s3_write_conflicts_are_retried_and_precondition_failures_mean_taken(moto_s3):
+    """Real S3 answers 409 ConditionalRequestConflict while a competing conditional write is in
+    flight (moto never does), so those answers are played back with botocore's Stubber."""
+    from botocore.stub import Stubber
+
+    store = open_registry(RegistryParams(uri="s3://models/team", endpoint_url=moto_s3.endpoint)).store
+    with Stubber(store.client) as stub:
+        stub.add_client_error("put_object", "ConditionalRequestConflict", http_status_code=409)
+        stub.add_response("put_object", {"ETag": '"abc"'})
+        assert store.put_if_absent("detector/claims/1", b"claim") is True
+        stub.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
+        assert store.put_if_absent("detector/claims/1", b"claim") is False
+        stub.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
+        assert store.put_if_match("detector/aliases/production.json", b"{}", '"old"') is False
+        stub.assert_no_pending_responses()
+
+
 def test_missing_bucket_is_a_registry_error(moto_s3):
     reg = open_registry(RegistryParams(uri="s3://no-such-bucket-here/x", endpoint_url=moto_s3.endpoint))
     with pytest.raises(RegistryError, match="NoSuchBucket"):
