@@ -79,9 +79,9 @@ def main(args: argparse.Namespace, params) -> int:
              f"{PRODUCTION}: v{before} -> v{version} (rolled back)")
     elif command == "history":
         events = reg.events()
-        emit(args, events, table(["time", "actor", "action", "alias", "version", "reason"],
-                                 [[e.get(k) for k in ("time", "actor", "action", "alias", "version",
-                                                      "reason")] for e in events]))
+        columns = ["time", "actor", "action", "alias", "version", "reason"]
+        emit(args, events, table(columns, [[e.get(k) for k in columns] for e in events])
+             if events else "(no events)")
     else:
         raise RegistryError(f"unknown registry command {command!r}")
     return 0
