@@ -45,8 +45,12 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
     granularity = plan["model"].get("granularity", "layer")
     units = list_groups(trained_pt, granularity)
     if plan["model"].get("units") != units:
-        raise PruneError(f"{plan_json}: plan is for a different model architecture than {trained_pt} "
-                         f"(pruning units differ)")
+        raise PruneError(f"{plan_json}: plan is for a different model than {trained_pt} (pruning units differ)")
+    model, _ = load_model(trained_pt)
+    n_params = sum(p.numel() for p in model.parameters())
+    if plan["model"].get("params") not in (None, n_params):
+        raise PruneError(f"{plan_json}: plan is for a different model than {trained_pt} "
+                         f"({plan['model']['params']} parameters, this one has {n_params})")
     unknown = sorted(set(plan["ratios"]) - set(units))
     if unknown:
         raise PruneError(f"{plan_json}: units {unknown} do not exist in {trained_pt}")

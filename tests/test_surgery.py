@@ -9,6 +9,17 @@ import torch
 from pipeline import surgery
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine extra intra-op threads only add contention.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 def _tiny_model(width: float = 0.125, depth: float = 0.33, nc: int = 4):
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 

@@ -1,0 +1,134 @@
+"""Prune stage: the pruned module itself is fine-tuned, and best.pt loads, predicts and exports elsewhere."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import prune, sensitivity
+from pipeline.io import write_json
+from pipeline.params import DemoParams, Params
+
+IMGSZ = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: on a shared 2-core machine extra intra-op threads only add contention.
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+def _tiny_checkpoint(path, width=0.125):
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    from pipeline.surgery import save_checkpoint
+
+    cfg = yaml_model_load("yolov8n.yaml")
+    cfg["scales"] = {"n": [0.33, width, 1024]}
+    cfg["scale"] = "n"
+    model = DetectionModel(cfg, nc=4, verbose=False)
+    model.names = {0: "circle", 1: "square", 2: "triangle", 3: "cross"}
+    return save_checkpoint(model, path, {"train_args": {"imgsz": IMGSZ, "task": "detect"}})
+
+
+def _plan(trained_pt, ratios: dict[str, float]) -> dict:
+    # The shape run_sensitivity writes; only what run_prune reads matters here.
+    model, _ = sensitivity.load_model(trained_pt)
+    return {"ratios": ratios, "target_met": True,
+            "model": {"units": sensitivity.list_groups(trained_pt), "granularity": "layer",
+                      "params": sum(p.numel() for p in model.parameters())}}
+
+
+def _params() -> Params:
+    p = Params()
+    p.train.imgsz = IMGSZ
+    p.train.batch = 4
+    p.prune = p.prune.model_copy(update={"steps": 1, "epochs_per_step": 1, "max_drop": 1.0})
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from pipeline.demo_data import generate_demo
+
+    root = tmp_path_factory.mktemp("prune")
+    data_yaml = generate_demo(root / "data", DemoParams(n_train=4, n_val=4, n_empty=0, imgsz=IMGSZ, max_objects=2))
+    return _tiny_checkpoint(root / "trained.pt"), data_yaml, root
+
+
+def test_pruned_model_trains_exports_and_loads_elsewhere(tiny):
+    trained_pt, data_yaml, root = tiny
+    plan_json = root / "plan.json"
+    write_json(plan_json, _plan(trained_pt, {"model.2": 0.5, "model.8": 0.5, "model.15": 0.5,
+                                             "model.22.cv3.0": 0.5}))
+    out = root / "pruned"
+    metrics = prune.run_prune(trained_pt, plan_json, data_yaml, _params(), out)
+
+    assert metrics["params_reduction"] > 0.1 and metrics["macs_reduction"] > 0.05
+    assert metrics["steps_done"] == 1 and metrics["params"] < metrics["params_before"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("map50_95", "map50", "params", "gflops", "file_mb", "params_reduction", "macs_reduction",
+                "drop", "steps_done"):
+        assert key in on_disk
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "metrics.json", "steps.json"]
+
+    # A fresh process: plain YOLO() loads best.pt (pipeline importable), predicts, exports to ONNX, and the
+    # ONNX model predicts too.
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from ultralytics import YOLO
+        model = YOLO({str(out / "best.pt")!r})
+        image = np.zeros(({IMGSZ}, {IMGSZ}, 3), dtype=np.uint8)
+        model.predict(image, imgsz={IMGSZ}, verbose=False)
+        onnx_path = model.export(format="onnx", imgsz={IMGSZ}, simplify=False, verbose=False)
+        YOLO(onnx_path, task="detect").predict(image, imgsz={IMGSZ}, verbose=False)
+        print("OK", type(model.model.model[2]).__name__)
+    """)
+    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK C2fSplit" in done.stdout
+
+
+def test_finetune_trains_the_pruned_module_not_a_rebuilt_one(tiny):
+    import torch
+
+    trained_pt, data_yaml, root = tiny
+    model, _ = sensitivity.load_model(trained_pt)
+    sensitivity.prune_units(model, {"model.4": 0.5})
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune.finetune(model, data_yaml, _params(), 1, root / "ft", trained_pt)
+    after = model.state_dict()
+    assert {k: v.shape for k, v in after.items()} == shapes  # still the pruned shapes
+    assert any(not torch.equal(before[k], after[k]) for k in after if after[k].is_floating_point())
+
+
+def test_plan_for_another_model_is_refused(tiny, tmp_path):
+    trained_pt, data_yaml, _ = tiny
+    other_pt = _tiny_checkpoint(tmp_path / "other.pt", width=0.25)
+    write_json(tmp_path / "plan.json", _plan(other_pt, {"model.2": 0.5}))  # same layers, other widths
+    with pytest.raises(prune.PruneError, match="plan.json.*different model"):
+        prune.run_prune(trained_pt, tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out")
+    plan = _plan(trained_pt, {"model.2": 0.5})
+    plan["model"]["units"] = plan["model"]["units"][:-1]  # another architecture lists other units
+    write_json(tmp_path / "plan1.json", plan)
+    with pytest.raises(prune.PruneError, match="plan1.json.*different model"):
+        prune.run_prune(trained_pt, tmp_path / "plan1.json", data_yaml, _params(), tmp_path / "out")
+    write_json(tmp_path / "plan2.json", _plan(trained_pt, {"model.99": 0.5}))
+    with pytest.raises(prune.PruneError, match="model.99"):
+        prune.run_prune(trained_pt, tmp_path / "plan2.json", data_yaml, _params(), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        prune.run_prune(tmp_path / "missing.pt", tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out")
