@@ -64,20 +64,69 @@ def make_stage_task(name: str):
     return stage_task
 
 
-STAGE_TASKS = {name: make_stage_task(name) for name in stages.STAGES}
+# The sensitivity stage fans out from the flow itself, so its evaluations go through the flow's task runner.
+MAPPED_STAGES = {"sensitivity"}
+STAGE_TASKS = {name: make_stage_task(name) for name in stages.STAGES if name not in MAPPED_STAGES}
+
+
+@task(name="sensitivity-evaluation", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_only_transient,
+      cache_policy=NO_CACHE)
+def sensitivity_evaluation(trained_pt: str, data_yaml: str, params: Params, group: str, ratio: float) -> dict:
+    from pipeline.sensitivity import evaluate_group
+
+    return evaluate_group(trained_pt, data_yaml, params, group, ratio)
+
+
+def prefect_map(function, *iterables) -> list:
+    """A builtin-`map` stand-in that runs each evaluation as a mapped Prefect task."""
+    futures = sensitivity_evaluation.map(*iterables)
+    return [future.result() for future in futures]
+
+
+def run_sensitivity_stage(params: Params) -> dict:
+    try:
+        result = stages.sensitivity(params, map_fn=prefect_map)
+    except Exception as e:
+        stage_artifact("sensitivity", None, e)
+        raise
+    stage_artifact("sensitivity", result)
+    return result
+
+
+def task_runner_for(params: Params):
+    """Threads by default; Dask (a local cluster, or the scheduler at `dask_address`) when asked."""
+    o = params.orchestration
+    if o.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if o.dask_address:
+            return DaskTaskRunner(address=o.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": o.max_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=o.max_workers)
 
 
 @flow(name="edge-yolo-pipeline", log_prints=True)
 def pipeline_flow(params_path: str = str(DEFAULT_PARAMS), data: str | None = None,
                   overrides: list[str] | None = None) -> dict:
-    """validate -> train -> ... -> gate. `overrides` are `section.key=value` entries over params.yaml."""
+    """validate -> train -> sensitivity -> prune -> ... -> gate. `overrides` are `section.key=value`
+    entries over params.yaml."""
     logger = get_run_logger()
     params = load_params(params_path, overrides or [], data)
     logger.info("params %s (hash %s), data %s", params_path, params.hash(), params.data.yaml)
     results = {}
     for name in stages.STAGES:
-        results[name] = STAGE_TASKS[name](params)
+        results[name] = run_sensitivity_stage(params) if name in MAPPED_STAGES else STAGE_TASKS[name](params)
     return results
+
+
+def run_flow(params_path: str = str(DEFAULT_PARAMS), data: str | None = None, overrides: list[str] | None = None):
+    """Run the flow with the task runner params.yaml asks for; returns the final state."""
+    params = load_params(params_path, overrides or [], data)
+    configured = pipeline_flow.with_options(task_runner=task_runner_for(params))
+    return configured(params_path=params_path, data=data, overrides=overrides, return_state=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    state = pipeline_flow(params_path=args.params, data=args.data, overrides=args.set, return_state=True)
+    state = run_flow(args.params, args.data, args.set)
     return 0 if state.is_completed() else 1
 
 

@@ -12,6 +12,8 @@ STAGE_HELP = {
     "demo": "generate the built-in demo dataset into data/demo",
     "validate": "check the dataset with Great Expectations; stops on bad data",
     "train": "train a YOLO model from its model YAML; registers best.pt",
+    "sensitivity": "prune each layer alone at each ratio, measure the mAP drop, write a pruning plan",
+    "prune": "apply the plan with Torch-Pruning in steps, fine-tuning after each; registers best.pt",
     "export": "export to ONNX, check it loads in Ultralytics, evaluate, register",
     "gate": "acceptance gate: thresholds and champion/challenger, then promote to production",
 }

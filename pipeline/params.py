@@ -117,6 +117,14 @@ class RegistryParams(Section):
     endpoint_url: str | None = None  # MinIO or another S3-compatible store
 
 
+class OrchestrationParams(Section):
+    task_runner: Literal["threads", "dask"] = "threads"  # what runs mapped work (the sensitivity fan-out)
+    max_workers: int = 2  # threads, or local Dask workers when no address is given
+    dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
+    schedule_cron: str = "0 3 * * *"  # the scheduled retraining deployment
+    timezone: str = "UTC"
+
+
 class Params(Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -128,6 +136,7 @@ class Params(Section):
     qat: QatParams = QatParams()
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -16,11 +16,13 @@ from pipeline.params import DEMO_DATA_YAML, Params
 DEMO_DIR = Path(DEMO_DATA_YAML).parent
 OUTPUTS = Path("outputs")
 TRAIN_DIR = OUTPUTS / "train"
+SENSITIVITY_DIR = OUTPUTS / "sensitivity"
+PRUNE_DIR = OUTPUTS / "prune"
 EXPORT_DIR = OUTPUTS / "export"
 GATE_DIR = OUTPUTS / "gate"
 VALIDATE_DIR = OUTPUTS / "validate"
 
-STAGES = ["validate", "train", "export", "gate"]
+STAGES = ["validate", "train", "sensitivity", "prune", "export", "gate"]
 
 
 class StageInputMissing(FileNotFoundError):
@@ -77,20 +79,44 @@ def train(params: Params) -> dict:
     return {"metrics": metrics, "gate": gate}
 
 
+def sensitivity(params: Params, map_fn=map) -> dict:
+    """`map_fn(function, *iterables)` runs the independent evaluations: builtin `map` here and in DVC,
+    Prefect's task mapping (threads or Dask) in the flow."""
+    from pipeline.sensitivity import run_sensitivity
+
+    result = run_sensitivity(_require(TRAIN_DIR / "best.pt", "train"), data_yaml(params), params, SENSITIVITY_DIR,
+                             map_fn=map_fn)
+    plan = result["plan"]
+    return {"baseline": result["baseline"], "evaluations": len(result["rows"]),
+            "plan": {k: v for k, v in plan.items() if k not in ("model",)}}
+
+
+def prune(params: Params) -> dict:
+    from pipeline.gates import publish
+    from pipeline.prune import run_prune
+
+    metrics = run_prune(_require(TRAIN_DIR / "best.pt", "train"),
+                        _require(SENSITIVITY_DIR / "plan.json", "sensitivity"), data_yaml(params), params, PRUNE_DIR)
+    gate = publish(params, stage="prune", alias="pruned", files={"best.pt": PRUNE_DIR / "best.pt"},
+                   primary="best.pt", metrics=metrics, gates=params.prune.gates, dataset_hash=dataset_hash(params),
+                   out_dir=PRUNE_DIR, parent_alias="trained", reference=read_json(TRAIN_DIR / "metrics.json"))
+    return {"metrics": metrics, "gate": gate}
+
+
 def export(params: Params) -> dict:
     from pipeline.evaluate import evaluate, export_fp32_onnx
     from pipeline.export import check_loads_and_predicts
     from pipeline.gates import publish
 
     model = EXPORT_DIR / "model.onnx"
-    export_fp32_onnx(_require(TRAIN_DIR / "best.pt", "train"), model, params.train.imgsz,
+    export_fp32_onnx(_require(PRUNE_DIR / "best.pt", "prune"), model, params.train.imgsz,
                      params.export.opset, params.export.simplify)
     check_loads_and_predicts(model, data_yaml(params), params.train.imgsz)
     metrics = evaluate(model, data_yaml(params), params)
     write_json(EXPORT_DIR / "metrics.json", metrics)
     gate = publish(params, stage="export", alias="exported", files={"model.onnx": model}, primary="model.onnx",
                    metrics=metrics, gates=params.export.gates, dataset_hash=dataset_hash(params),
-                   out_dir=EXPORT_DIR, parent_alias="trained", reference=read_json(TRAIN_DIR / "metrics.json"))
+                   out_dir=EXPORT_DIR, parent_alias="pruned", reference=read_json(TRAIN_DIR / "metrics.json"))
     return {"metrics": metrics, "gate": gate}
 
 
@@ -136,4 +162,5 @@ def gate(params: Params) -> dict:
     return report
 
 
-STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "export": export, "gate": gate}
+STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "sensitivity": sensitivity, "prune": prune,
+                   "export": export, "gate": gate}
