@@ -25,6 +25,9 @@ TINY_OVERRIDES = {
               "epochs": 1, "batch": 8, "patience": 0,
               "gates": {"min_map50_95": 0.0, "max_file_mb": 20}},
     "evaluate": {"batch": 8, "warmup": 1, "runs": 3},
+    "sensitivity": {"ratios": [0.5], "val_images": 4},
+    "prune": {"steps": 1, "epochs_per_step": 1, "max_drop": 1.0,
+              "gates": {"max_map_drop": 1.0, "min_params_reduction": 0.0}},
     "export": {"simplify": False, "gates": {"min_map50_95": 0.0, "max_file_mb": 20}},
     "gate": {"min_map50_95": 0.0, "max_file_mb": 20, "max_latency_ms": 10000, "champion_tolerance": 1.0},
 }
