@@ -51,13 +51,18 @@ def generate_demo(out_dir: Path, p: DemoParams) -> Path:
         _write_dataset(tmp_dir, p)
         (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old_dir / "dataset")
-            os.replace(tmp_dir, out_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, out_dir)
+        try:
+            if out_dir.exists():
+                old_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                os.replace(out_dir, old_dir / "dataset")
+                os.replace(tmp_dir, out_dir)
+                shutil.rmtree(old_dir, ignore_errors=True)
+            else:
+                os.replace(tmp_dir, out_dir)
+        except OSError:
+            # Another process (a parallel flow run) may have put the same dataset there first.
+            if _existing_marker(out_dir) != marker:
+                raise
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)
