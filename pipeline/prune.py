@@ -71,6 +71,7 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
     import torch
     from ultralytics.models.yolo.detect import DetectionTrainer
 
+    surgery.disable_font_download()
     p = params.train
     overrides = dict(model=str(base_pt), data=str(data_yaml), epochs=epochs, imgsz=p.imgsz, batch=p.batch,
                      seed=p.seed, deterministic=True, device=p.device, workers=p.workers, lr0=p.lr0,
@@ -104,6 +105,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     metrics.json and steps.json; return the metrics."""
     from pipeline.evaluate import evaluate
 
+    surgery.disable_font_download()
     trained_pt, data_yaml, out_dir = Path(trained_pt), Path(data_yaml), Path(out_dir)
     if not trained_pt.is_file():
         raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")

@@ -145,6 +145,7 @@ def prune_units(model, ratios: dict[str, float], initial_channels: dict[str, int
 def _evaluate_model(model, ckpt: dict, data_yaml, params: Params) -> dict:
     from pipeline.evaluate import evaluate
 
+    surgery.disable_font_download()
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as tmp:
         pt = surgery.save_checkpoint(model, Path(tmp) / "candidate.pt", ckpt)
         return evaluate(pt, data_yaml, params, max_images=params.sensitivity.val_images, latency=False)

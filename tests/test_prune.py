@@ -67,13 +67,24 @@ def tiny(tmp_path_factory):
     return _tiny_checkpoint(root / "trained.pt"), data_yaml, root
 
 
-def test_pruned_model_trains_exports_and_loads_elsewhere(tiny):
+def test_pruned_model_trains_exports_and_loads_elsewhere(tiny, monkeypatch):
+    import socket
+
     trained_pt, data_yaml, root = tiny
+    lookups = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError(f"test: no network ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
     plan_json = root / "plan.json"
     write_json(plan_json, _plan(trained_pt, {"model.2": 0.5, "model.8": 0.5, "model.15": 0.5,
                                              "model.22.cv3.0": 0.5}))
     out = root / "pruned"
     metrics = prune.run_prune(trained_pt, plan_json, data_yaml, _params(), out)
+    monkeypatch.undo()
+    assert lookups == []  # fine-tuning and evaluation never tried to reach the network
 
     assert metrics["params_reduction"] > 0.1 and metrics["macs_reduction"] > 0.05
     assert metrics["steps_done"] == 1 and metrics["params"] < metrics["params_before"]
