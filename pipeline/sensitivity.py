@@ -6,8 +6,9 @@ fixed val subset (`params.sensitivity.val_images` images). The evaluations are i
 picklable arguments, so `run_sensitivity(..., map_fn=...)` can fan them out (Prefect `.map`, Dask, a pool);
 the default `map` runs them one after another, which is what the DVC stage does.
 
-Outputs in `out_dir`: sensitivity.csv / sensitivity.json (one row per unit and ratio), plot.png (one curve per
-unit) and plan.json (per-unit pruning ratios, see `build_plan`).
+Outputs in `out_dir`: sensitivity.csv / sensitivity.json (one row per unit and ratio), curves.csv (the same
+drops as one column per unit, for `dvc plots`), plot.png (one curve per unit) and plan.json (per-unit pruning
+ratios, see `build_plan`).
 
 Pruning units. Torch-Pruning finds ~60 coupled channel groups in YOLOv8 (one per convolution whose output
 channels are not tied to another's). Measuring each at 4 ratios is ~240 evaluations, too slow for the demo on
@@ -302,6 +303,20 @@ def write_rows_csv(rows: list[dict], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
+def write_curves_csv(rows: list[dict], path: Path) -> None:
+    """Wide table for `dvc plots`: one row per ratio (0 included), one drop column per unit, so that
+    `x: ratio, y: [<units>]` draws one line per unit with DVC's built-in templates."""
+    units = list(dict.fromkeys(row["group"] for row in rows))
+    drops = {(row["group"], row["ratio"]): row["drop"] for row in rows}
+    ratios = sorted({0.0} | {row["ratio"] for row in rows})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["ratio", *units])
+    for ratio in ratios:
+        writer.writerow([ratio, *(0.0 if ratio == 0 else drops.get((u, ratio), "") for u in units)])
+    write_text(path, buffer.getvalue())
+
+
 def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Path) -> None:
     """One curve per unit: mAP50-95 drop against pruning ratio, with the budget line; legend beside the axes."""
     import matplotlib
@@ -379,9 +394,10 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_rows_csv(rows, out_dir / "sensitivity.csv")
+    write_curves_csv(rows, out_dir / "curves.csv")
     write_json(out_dir / "sensitivity.json", rows)  # a plain list of records: what `dvc plots` reads
     plot_sensitivity(rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
     write_json(out_dir / "plan.json", plan)
     return {"baseline": baseline, "rows": rows, "plan": plan,
             "outputs": {name: str(out_dir / name) for name in
-                        ("sensitivity.csv", "sensitivity.json", "plot.png", "plan.json")}}
+                        ("sensitivity.csv", "sensitivity.json", "curves.csv", "plot.png", "plan.json")}}

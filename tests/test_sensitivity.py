@@ -93,6 +93,9 @@ def test_run_sensitivity_one_row_per_unit_and_ratio(tiny, tmp_path, monkeypatch)
     assert len(csv_rows) == len(rows) and set(sensitivity.CSV_FIELDS) <= set(csv_rows[0])
     assert len(json.loads((tmp_path / "sensitivity.json").read_text())) == len(rows)
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+    with open(tmp_path / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert [float(c["ratio"]) for c in curves] == [0.0, 0.3, 0.6] and list(curves[0])[1:] == units
 
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["model"]["units"] == units and plan["baseline"]["map50_95"] == pytest.approx(0.5)
