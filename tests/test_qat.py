@@ -56,6 +56,13 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
     torch_metrics = evaluate(out / "qat_model.pt", data_yaml, params, latency=False)
     assert torch_metrics["map50_95"] == pytest.approx(candidates["qat_int8"]["qat_torch_map50_95"])
 
+    # Export's part: metadata + simplify without losing integer convs, then the parity check.
+    final = int8.finalize_int8(out / "qat_int8.onnx", out / "pruned_fp32.onnx", tmp_path / "export" / "model_int8.onnx")
+    assert final["integer_convs_after"] == candidates["qat_int8"]["metrics"]["integer_convs"]
+    parity = int8.parity_check(final["path"], out / "qat_model.pt", data_yaml, params)
+    assert {"int8_onnx_map50_95", "qat_torch_map50_95", "abs_diff", "passed"} <= set(parity)
+    assert parity["passed"] == (parity["abs_diff"] <= 0.005)
+
 
 def test_gate_failures_name_each_violation():
     metrics = {"map50_95": 0.40, "file_mb": 6.0, "latency_ms": 9.0}
