@@ -327,7 +327,7 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
     units = list(dict.fromkeys(row["group"] for row in rows))
     fig_height = max(4.5, 0.22 * len(units) / max(1, math.ceil(len(units) / 30)))
     fig, ax = plt.subplots(figsize=(11, fig_height))
-    colours = plt.get_cmap("tab20").colors
+    colours = plt.get_cmap("tab10").colors  # strong colours; the line style tells apart units 10 apart
     styles = ["-", "--", ":", "-."]
     for i, unit in enumerate(units):
         points = sorted((r["ratio"], r["drop"]) for r in rows if r["group"] == unit)
