@@ -263,7 +263,7 @@ def build_plan(rows: list[dict], baseline: dict, params: Params,
     achieved = reductions(budget)
     if achieved[key] > s.target_reduction:
         low, high = 0.0, 1.0  # reduction(low) <= target < reduction(high)
-        for _ in range(12):
+        for _ in range(8):  # the scale to within 1/256: about one channel of a 256-channel layer
             mid = (low + high) / 2
             if reductions({u: r * mid for u, r in budget.items()})[key] > s.target_reduction:
                 high = mid
