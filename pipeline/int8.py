@@ -472,27 +472,35 @@ def finalize_int8(chosen_onnx: str | Path, fp32_onnx_with_metadata: str | Path, 
             "file_bytes": out_onnx.stat().st_size}
 
 
-def parity_check(int8_onnx: str | Path, qat_torch_artifact: str | Path, data_yaml: str | Path, params,
-                 tolerance: float = 0.005) -> dict:
-    """mAP50-95 on val of the INT8 ONNX (ORT) and of the fake-quant QAT model (torch); pass when they
-    differ by at most `tolerance` (0.005 = half a point).
+PARITY_TOLERANCE = 0.005  # mAP50-95, half a point
 
-    Both are validated on the same square letterboxed images. Ultralytics validates a .pt with
-    rectangular batches by default (`rect=True`) and a static ONNX without, which alone moved mAP50-95
-    by 0.7 to 2.7 points on the demo data; that would drown the quantization difference being checked.
+
+def torch_accuracy_square(pt_path: str | Path, data_yaml: str | Path, params) -> dict:
+    """mAP of a .pt on val with square letterboxed images, as a static ONNX is validated.
+
+    Ultralytics validates a .pt with rectangular batches by default (`rect=True`) and a static ONNX
+    without; that alone moved mAP50-95 by 0.7 to 2.7 points on the demo data, which would drown the
+    quantization difference a parity check is after.
     """
     from ultralytics import YOLO
 
-    from pipeline.evaluate import evaluate
-
-    onnx_metrics = evaluate(str(int8_onnx), str(data_yaml), params, latency=False)
-    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
-        results = YOLO(str(qat_torch_artifact), task="detect").val(
+    with tempfile.TemporaryDirectory(prefix="val-square-") as tmp:
+        results = YOLO(str(pt_path), task="detect").val(
             data=str(data_yaml), imgsz=params.train.imgsz, batch=params.evaluate.batch, conf=params.evaluate.conf,
             iou=params.evaluate.iou, device="cpu", workers=0, plots=False, verbose=False, rect=False,
             project=tmp, name="val", exist_ok=True)
-    torch_map, torch_map50 = float(results.box.map), float(results.box.map50)
-    diff = abs(onnx_metrics["map50_95"] - torch_map)
-    return {"int8_onnx_map50_95": onnx_metrics["map50_95"], "qat_torch_map50_95": torch_map,
-            "int8_onnx_map50": onnx_metrics.get("map50"), "qat_torch_map50": torch_map50,
+    return {"map50_95": float(results.box.map), "map50": float(results.box.map50)}
+
+
+def parity_check(int8_onnx: str | Path, qat_torch_artifact: str | Path, data_yaml: str | Path, params,
+                 tolerance: float = PARITY_TOLERANCE) -> dict:
+    """mAP50-95 on val of the INT8 ONNX (ORT, shared evaluator) and of the fake-quant QAT model (torch,
+    same square images); pass when they differ by at most `tolerance` (0.005 = half a point)."""
+    from pipeline.evaluate import evaluate
+
+    onnx_metrics = evaluate(str(int8_onnx), str(data_yaml), params, latency=False)
+    torch_metrics = torch_accuracy_square(qat_torch_artifact, data_yaml, params)
+    diff = abs(onnx_metrics["map50_95"] - torch_metrics["map50_95"])
+    return {"int8_onnx_map50_95": onnx_metrics["map50_95"], "qat_torch_map50_95": torch_metrics["map50_95"],
+            "int8_onnx_map50": onnx_metrics.get("map50"), "qat_torch_map50": torch_metrics["map50"],
             "abs_diff": diff, "tolerance": tolerance, "passed": bool(diff <= tolerance)}

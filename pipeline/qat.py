@@ -416,15 +416,13 @@ def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Para
     calibrate(model, calib_images, params.train.imgsz)
     log: list = []
     finetune(model, data_yaml, params, log)
-    calibrated_or_trained = "trained" if params.qat.epochs > 0 else "calibrated only"
 
     suffix = "" if activation == "silu" else f"_{activation}"
     torch_pt = save_checkpoint(model, out_dir / f"qat{suffix}_model.pt", base_ckpt,
                                qat={"activation": activation, "epochs": params.qat.epochs})
     float_onnx = export_float_onnx(model, base_ckpt, work / f"qat{suffix}_fp32.onnx", params)
     qparams = activation_qparams(model, map_convs_to_onnx(model, float_onnx))
-    return {"torch_pt": torch_pt, "float_onnx": float_onnx, "qparams": qparams, "log": log,
-            "state": calibrated_or_trained}
+    return {"torch_pt": torch_pt, "float_onnx": float_onnx, "qparams": qparams, "log": log}
 
 
 def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
@@ -436,7 +434,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     pruned_fp32.onnx (the reference), model_int8.onnx (chosen), candidates.json and metrics.json.
     Returns the metrics.json content; "passed" is False (with reasons) when no candidate passes.
     """
-    from pipeline.evaluate import evaluate, export_fp32_onnx
+    from pipeline.evaluate import export_fp32_onnx
 
     pruned_pt, data_yaml, out_dir = Path(pruned_pt), Path(data_yaml), Path(out_dir)
     if not pruned_pt.is_file():
@@ -458,7 +456,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         work = Path(tmp)
         for activation in activations:
             variant = _qat_variant(activation, pruned_pt, data_yaml, params, calib_images, out_dir, work)
-            torch_metrics = evaluate(variant["torch_pt"], data_yaml, params, latency=False)
+            torch_metrics = int8.torch_accuracy_square(variant["torch_pt"], data_yaml, params)
             builds = [("qat_int8" if activation == "silu" else f"qat_{activation}_int8", False)]
             if activation == "silu":
                 builds.append(("qat_qsilu_int8", True))
@@ -480,6 +478,9 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     trained_map = float(trained_metrics["map50_95"])
     for name, candidate in candidates.items():
         candidate["metrics"] = _measure_onnx(Path(candidate["path"]), data_yaml, params)
+        if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
+            diff = abs(candidate["metrics"]["map50_95"] - candidate["qat_torch_map50_95"])
+            candidate["parity"] = {"abs_diff": diff, "passed": bool(diff <= int8.PARITY_TOLERANCE)}
     # Gate and choice use latencies measured in turns (see interleaved_latency_ms); the evaluator's own
     # single measurement stays in the metrics as eval_latency_ms.
     e = params.evaluate
@@ -513,7 +514,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "why_none_passed": None if passing else {n: cand["gate_failures"] for n, cand in candidates.items()},
         "model_int8": str(model_int8),
         "qat_torch_pt": c["qat_torch_pt"],
-        "qat_torch_map50_95": c.get("qat_torch_map50_95"),
+        "qat_torch_map50_95": c.get("qat_torch_map50_95"),  # square letterbox, as in export's parity check
+        "parity": c.get("parity"),
         "trained_map50_95": trained_map,
         "map_drop_vs_trained": trained_map - c["metrics"]["map50_95"],
         "pruned_map50_95": pruned_metrics.get("map50_95"),
