@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline import keep_datasets_read_only
+from pipeline import prepare_ultralytics
 from pipeline.params import Params
 
 
@@ -53,7 +53,7 @@ def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | 
     """mAP50-95, mAP50, precision and recall of a .pt or .onnx artifact on the val split."""
     from ultralytics import YOLO
 
-    keep_datasets_read_only()
+    prepare_ultralytics()
     with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
         tmp = Path(tmp)
         data = _subset_data_yaml(data_yaml, max_images, tmp) if max_images else data_yaml

@@ -62,7 +62,9 @@ class TrainParams(Section):
     device: str = "cpu"
     patience: int = 10
     workers: int = 0
-    lr0: float = 0.01
+    lr0: float = 0.01  # used unless optimizer is auto (Ultralytics then picks the optimizer and its rate)
+    optimizer: str = "auto"  # auto, SGD, Adam, AdamW, ...
+    mosaic: float = 1.0  # probability of Ultralytics' mosaic augmentation
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
@@ -87,6 +89,8 @@ class SensitivityParams(Section):
     max_drop: float = 0.02  # per-layer mAP50-95 budget when building the plan
     target: Literal["params", "macs"] = "macs"
     target_reduction: float = 0.5
+    # layer: one unit per Ultralytics layer (and per Detect branch); group: every Torch-Pruning group
+    granularity: Literal["layer", "group"] = "layer"
 
 
 class PruneParams(Section):

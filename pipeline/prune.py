@@ -11,20 +11,16 @@ Outputs in out_dir: best.pt (loads with `YOLO(path)` wherever `pipeline` is impo
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-# Ultralytics decides once, at import, whether it is online; never let a fine-tune reach the network.
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from pipeline import surgery  # noqa: E402
-from pipeline.io import read_json, sha256_file, write_json  # noqa: E402
-from pipeline.params import Params  # noqa: E402
-from pipeline.sensitivity import group_roots, list_groups, load_model, prune_units  # noqa: E402
+from pipeline import prepare_ultralytics, surgery
+from pipeline.io import read_json, sha256_file, write_json
+from pipeline.params import Params
+from pipeline.sensitivity import group_roots, list_groups, load_model, prune_units
 
 
 class PruneError(RuntimeError):
@@ -71,7 +67,7 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
     import torch
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    surgery.disable_font_download()
+    prepare_ultralytics()
     p = params.train
     overrides = dict(model=str(base_pt), data=str(data_yaml), epochs=epochs, imgsz=p.imgsz, batch=p.batch,
                      seed=p.seed, deterministic=True, device=p.device, workers=p.workers, lr0=p.lr0,
@@ -105,7 +101,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     metrics.json and steps.json; return the metrics."""
     from pipeline.evaluate import evaluate
 
-    surgery.disable_font_download()
+    prepare_ultralytics()
     trained_pt, data_yaml, out_dir = Path(trained_pt), Path(data_yaml), Path(out_dir)
     if not trained_pt.is_file():
         raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")

@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.params import Params
-from pipeline import surgery
+from pipeline import prepare_ultralytics, surgery
 
 # Channel structure does not depend on image size; a small trace is enough and fast.
 TRACE_IMGSZ = 64
@@ -146,7 +146,7 @@ def prune_units(model, ratios: dict[str, float], initial_channels: dict[str, int
 def _evaluate_model(model, ckpt: dict, data_yaml, params: Params) -> dict:
     from pipeline.evaluate import evaluate
 
-    surgery.disable_font_download()
+    prepare_ultralytics()
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as tmp:
         pt = surgery.save_checkpoint(model, Path(tmp) / "candidate.pt", ckpt)
         return evaluate(pt, data_yaml, params, max_images=params.sensitivity.val_images, latency=False)

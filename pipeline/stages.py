@@ -23,6 +23,8 @@ GATE_DIR = OUTPUTS / "gate"
 VALIDATE_DIR = OUTPUTS / "validate"
 
 STAGES = ["validate", "train", "sensitivity", "prune", "export", "gate"]
+# The registry alias each model-producing stage moves when its gates pass, in lineage order.
+ALIASES = {"train": "trained", "prune": "pruned", "export": "exported"}
 
 
 class StageInputMissing(FileNotFoundError):
@@ -73,19 +75,43 @@ def train(params: Params) -> dict:
     from pipeline.train import train as run_training
 
     metrics = run_training(data_yaml(params), params, TRAIN_DIR)
-    gate = publish(params, stage="train", alias="trained", files={"best.pt": TRAIN_DIR / "best.pt"},
+    gate = publish(params, stage="train", alias=ALIASES["train"], files={"best.pt": TRAIN_DIR / "best.pt"},
                    primary="best.pt", metrics=metrics, gates=params.train.gates,
                    dataset_hash=dataset_hash(params), out_dir=TRAIN_DIR)
     return {"metrics": metrics, "gate": gate}
 
 
-def sensitivity(params: Params, map_fn=map) -> dict:
-    """`map_fn(function, *iterables)` runs the independent evaluations: builtin `map` here and in DVC,
-    Prefect's task mapping (threads or Dask) in the flow."""
+def _single_threaded_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def process_pool_map(workers: int):
+    """A builtin-`map` stand-in over `workers` local processes, one torch thread each: small models
+    evaluate faster side by side than one at a time with every core fighting over each."""
+    def pool_map(function, *iterables):
+        if workers <= 1:
+            return list(map(function, *iterables))
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_single_threaded_worker) as pool:
+            return list(pool.map(function, *iterables))
+
+    return pool_map
+
+
+def sensitivity(params: Params, map_fn=None) -> dict:
+    """`map_fn(function, *iterables)` runs the independent evaluations: local processes from the CLI and
+    DVC, Prefect's task mapping (threads or Dask) in the flow."""
     from pipeline.sensitivity import run_sensitivity
 
+    map_fn = map_fn or process_pool_map(params.orchestration.max_workers)
     result = run_sensitivity(_require(TRAIN_DIR / "best.pt", "train"), data_yaml(params), params, SENSITIVITY_DIR,
-                             map_fn=map_fn)
+                             map_fn=map_fn, granularity=params.sensitivity.granularity)
     plan = result["plan"]
     return {"baseline": result["baseline"], "evaluations": len(result["rows"]),
             "plan": {k: v for k, v in plan.items() if k not in ("model",)}}
@@ -97,9 +123,9 @@ def prune(params: Params) -> dict:
 
     metrics = run_prune(_require(TRAIN_DIR / "best.pt", "train"),
                         _require(SENSITIVITY_DIR / "plan.json", "sensitivity"), data_yaml(params), params, PRUNE_DIR)
-    gate = publish(params, stage="prune", alias="pruned", files={"best.pt": PRUNE_DIR / "best.pt"},
+    gate = publish(params, stage="prune", alias=ALIASES["prune"], files={"best.pt": PRUNE_DIR / "best.pt"},
                    primary="best.pt", metrics=metrics, gates=params.prune.gates, dataset_hash=dataset_hash(params),
-                   out_dir=PRUNE_DIR, parent_alias="trained", reference=read_json(TRAIN_DIR / "metrics.json"))
+                   out_dir=PRUNE_DIR, parent_alias=ALIASES["train"], reference=read_json(TRAIN_DIR / "metrics.json"))
     return {"metrics": metrics, "gate": gate}
 
 
@@ -114,9 +140,9 @@ def export(params: Params) -> dict:
     check_loads_and_predicts(model, data_yaml(params), params.train.imgsz)
     metrics = evaluate(model, data_yaml(params), params)
     write_json(EXPORT_DIR / "metrics.json", metrics)
-    gate = publish(params, stage="export", alias="exported", files={"model.onnx": model}, primary="model.onnx",
+    gate = publish(params, stage="export", alias=ALIASES["export"], files={"model.onnx": model}, primary="model.onnx",
                    metrics=metrics, gates=params.export.gates, dataset_hash=dataset_hash(params),
-                   out_dir=EXPORT_DIR, parent_alias="pruned", reference=read_json(TRAIN_DIR / "metrics.json"))
+                   out_dir=EXPORT_DIR, parent_alias=ALIASES["prune"], reference=read_json(TRAIN_DIR / "metrics.json"))
     return {"metrics": metrics, "gate": gate}
 
 

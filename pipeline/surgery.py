@@ -192,32 +192,6 @@ def count_params_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
     return int(params), int(macs)
 
 
-def disable_font_download() -> None:
-    """Make Ultralytics' `check_font` look for fonts locally only (idempotent, process-wide).
-
-    `check_det_dataset`, which every train and val run calls, asks for Arial.ttf and, when it is not installed,
-    sends a HEAD request to GitHub to download it. YOLO_OFFLINE does not gate that request. Nothing here draws
-    text (plots=False), so a missing font only means None, exactly what the original returns offline.
-    """
-    import ultralytics.data.utils as data_utils
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    if getattr(data_utils.check_font, "_local_only", False):
-        return
-
-    def check_font_locally(font: str = "Arial.ttf"):
-        from matplotlib import font_manager
-
-        name = Path(font).name
-        if (USER_CONFIG_DIR / name).exists():
-            return USER_CONFIG_DIR / name
-        matches = [f.fname for f in font_manager.fontManager.ttflist if font in f.fname]
-        return matches[0] if matches else None
-
-    check_font_locally._local_only = True
-    data_utils.check_font = check_font_locally
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, base_ckpt: dict | None = None, **extra) -> Path:
     """Write `model` as an Ultralytics-style stripped checkpoint (FP16, loads with `YOLO(path)`), atomically.
 

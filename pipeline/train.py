@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import keep_datasets_read_only
+from pipeline import prepare_ultralytics
 from pipeline.evaluate import evaluate
 from pipeline.io import write_json
 from pipeline.params import Params, TrainParams
@@ -76,7 +76,7 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     """Train, then write best.pt (stripped), metrics.json, curves.csv and curves.png to `out_dir`."""
     from ultralytics import YOLO
 
-    keep_datasets_read_only()
+    prepare_ultralytics()
     p = params.train
     # Absolute, or Ultralytics files a relative project under its own global runs folder.
     out_dir = Path(out_dir).resolve()
@@ -90,6 +90,7 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
         raise TrainError(f"train.model {p.model!r}: no such model YAML ({e})") from None
     model.train(data=str(data_yaml), imgsz=p.imgsz, epochs=p.epochs, batch=p.batch, seed=p.seed,
                 deterministic=True, device=p.device, patience=p.patience, workers=p.workers, lr0=p.lr0,
+                optimizer=p.optimizer, mosaic=p.mosaic,
                 project=str(out_dir), name="ultralytics", exist_ok=True, plots=False, amp=False,
                 verbose=False, pretrained=False)
     best = run_dir / "weights" / "best.pt"

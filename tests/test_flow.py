@@ -38,12 +38,14 @@ def test_flow_runs_every_stage_records_artifacts_and_promotes(prefect_api, workd
     state = pipeline_flow(params_path="params.yaml", overrides=["train.epochs=1"], return_state=True)
     assert state.is_completed(), state
     results = state.result()
-    assert list(results) == ["validate", "train", "export", "gate"]
+    from pipeline.stages import STAGES
+
+    assert list(results) == STAGES
     assert results["gate"]["passed"] is True
     registry = open_registry(load_params("params.yaml").registry)
     assert registry.alias("production") == registry.alias("exported") == results["gate"]["version"]
     keys = {a.key for a in asyncio.run(_artifacts(state.state_details.flow_run_id))}
-    assert {"stage-validate", "stage-train", "stage-export", "stage-gate"} <= keys
+    assert {f"stage-{name}" for name in STAGES} <= keys
 
 
 def test_flow_stops_at_validation_on_bad_data_without_retrying(prefect_api, workdir):
