@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_FUNCTIONS:
         add_common(commands.add_parser(name, help=STAGE_HELP.get(name, name)))
+    add_common(commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
+                                                 "pruned + INT8 (runs the pipeline first if needed)"))
     run = commands.add_parser("run", help="run every stage in order, stopping at the first failure")
     add_common(run)
     run.add_argument("--from", dest="start", help="start at this stage (earlier outputs must exist)")
@@ -71,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import registry_cli
 
             return registry_cli.main(args, params)
+        if args.command == "bench":
+            from pipeline.stages import bench
+
+            bench(params)
+            return 0
         if args.command == "run":
             stages = STAGES[STAGES.index(args.start):] if args.start else STAGES
             for name in stages:

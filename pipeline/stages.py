@@ -188,5 +188,18 @@ def gate(params: Params) -> dict:
     return report
 
 
+def bench(params: Params) -> dict:
+    """Benchmark table (pipeline/bench.py); runs the pipeline first where its outputs are missing."""
+    from pipeline.bench import bench as run_bench
+
+    needed = [TRAIN_DIR / "best.pt", PRUNE_DIR / "best.pt", EXPORT_DIR / "model.onnx"]
+    if not all(path.exists() for path in needed):
+        for name in STAGES[:STAGES.index("export") + 1]:
+            STAGE_FUNCTIONS[name](params)
+    result = run_bench(params, data_yaml(params), TRAIN_DIR, PRUNE_DIR, EXPORT_DIR / "model.onnx")
+    print(result["markdown"])
+    return {"rows": result["rows"]}
+
+
 STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "sensitivity": sensitivity, "prune": prune,
                    "export": export, "gate": gate}
