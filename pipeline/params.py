@@ -65,6 +65,8 @@ class TrainParams(Section):
     lr0: float = 0.01  # used unless optimizer is auto (Ultralytics then picks the optimizer and its rate)
     optimizer: str = "auto"  # auto, SGD, Adam, AdamW, ...
     mosaic: float = 1.0  # probability of Ultralytics' mosaic augmentation
+    close_mosaic: int = 10  # final epochs without mosaic
+    warmup_epochs: float = 3.0
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 

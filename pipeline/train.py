@@ -90,7 +90,8 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
         raise TrainError(f"train.model {p.model!r}: no such model YAML ({e})") from None
     model.train(data=str(data_yaml), imgsz=p.imgsz, epochs=p.epochs, batch=p.batch, seed=p.seed,
                 deterministic=True, device=p.device, patience=p.patience, workers=p.workers, lr0=p.lr0,
-                optimizer=p.optimizer, mosaic=p.mosaic,
+                optimizer=p.optimizer, mosaic=p.mosaic, close_mosaic=p.close_mosaic,
+                warmup_epochs=p.warmup_epochs,
                 project=str(out_dir), name="ultralytics", exist_ok=True, plots=False, amp=False,
                 verbose=False, pretrained=False)
     best = run_dir / "weights" / "best.pt"
