@@ -14,6 +14,7 @@ STAGE_HELP = {
     "train": "train a YOLO model from its model YAML; registers best.pt",
     "sensitivity": "prune each layer alone at each ratio, measure the mAP drop, write a pruning plan",
     "prune": "apply the plan with Torch-Pruning in steps, fine-tuning after each; registers best.pt",
+    "qat": "quantization-aware fine-tuning; INT8 ONNX candidates (QAT and PTQ), the gate picks one",
     "export": "export to ONNX, check it loads in Ultralytics, evaluate, register",
     "gate": "acceptance gate: thresholds and champion/challenger, then promote to production",
 }

@@ -54,12 +54,14 @@ def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | 
     from ultralytics import YOLO
 
     prepare_ultralytics()
+    # rect=False for every artifact: Ultralytics letterboxes .pt batches to their own shapes but a
+    # fixed-shape ONNX to squares, and mAPs measured on different inputs would not compare.
     with tempfile.TemporaryDirectory(prefix="eval-") as tmp:
         tmp = Path(tmp)
         data = _subset_data_yaml(data_yaml, max_images, tmp) if max_images else data_yaml
         model = YOLO(str(artifact), task="detect")
         results = model.val(data=str(data), imgsz=params.train.imgsz, batch=params.evaluate.batch,
-                            conf=params.evaluate.conf, iou=params.evaluate.iou, device="cpu",
+                            conf=params.evaluate.conf, iou=params.evaluate.iou, device="cpu", rect=False,
                             workers=0, plots=False, verbose=False, project=str(tmp), name="val",
                             exist_ok=True)
     box = results.box

@@ -18,9 +18,11 @@ class GateFailed(RuntimeError):
         super().__init__(format_report(report))
 
 
-def check(metrics: dict, gates: StageGates, reference: dict | None = None) -> list[dict]:
+def check(metrics: dict, gates: StageGates, reference: dict | None = None,
+          reference_latency_ms: float | None = None) -> list[dict]:
     """One row per configured threshold: name, value, limit, passed. `reference` is the trained model's
-    metrics, against which drops and reductions are measured."""
+    metrics, against which drops and reductions are measured; `reference_latency_ms` is what
+    `max_latency_ratio` compares with."""
     rows = []
 
     def row(name: str, value, limit, passed: bool):
@@ -42,7 +44,17 @@ def check(metrics: dict, gates: StageGates, reference: dict | None = None) -> li
     if gates.min_params_reduction is not None:
         reduction = round(1 - metrics["params"] / reference["params"], 6)
         row("min_params_reduction", reduction, gates.min_params_reduction, reduction >= gates.min_params_reduction)
+    if gates.max_latency_ratio is not None:
+        if reference_latency_ms is None:
+            raise ValueError("max_latency_ratio needs a reference latency")
+        value = metrics.get("latency_ms")
+        ratio = round(value / reference_latency_ms, 4) if value is not None else None
+        row("max_latency_ratio", ratio, gates.max_latency_ratio, ratio is not None and ratio <= gates.max_latency_ratio)
     return rows
+
+
+def failures(rows: list[dict]) -> list[str]:
+    return [f"{r['gate']}: {_fmt(r['value'])} (limit {_fmt(r['limit'])})" for r in rows if not r["passed"]]
 
 
 def format_report(report: dict) -> str:
@@ -71,14 +83,15 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 def publish(params: Params, *, stage: str, alias: str, files: dict[str, Path], primary: str, metrics: dict,
             gates: StageGates, dataset_hash: str, out_dir: Path, parent_alias: str | None = None,
-            reference: dict | None = None, extra_checks: list[dict] = ()) -> dict:
+            reference: dict | None = None, reference_latency_ms: float | None = None,
+            extra_checks: list[dict] = ()) -> dict:
     """Register the stage's files, check its gates, move `alias` on a pass. Writes `out_dir/gate.json`.
     Raises GateFailed (the registry keeps the version, the alias does not move) on a fail."""
     from pipeline.registry import open_registry
 
     registry = open_registry(params.registry)
     parent = registry.alias(parent_alias) if parent_alias else None
-    checks = check(metrics, gates, reference) + list(extra_checks)
+    checks = check(metrics, gates, reference, reference_latency_ms) + list(extra_checks)
     passed = all(r["passed"] for r in checks)
     manifest = registry.register(stage=stage, files=files, primary=primary, metrics=metrics,
                                  params=params.as_dict(), params_hash=params.hash(),

@@ -49,6 +49,7 @@ class StageGates(Section):
     max_map_drop: float | None = None  # vs the trained model, in mAP50-95 points (0.02 = 2 points)
     min_params_reduction: float | None = None  # 0.3 = at least 30% fewer parameters than trained
     max_latency_ms: float | None = None
+    max_latency_ratio: float | None = None  # vs a reference model's latency (qat: the pruned FP32 ONNX)
 
 
 class TrainParams(Section):
@@ -107,7 +108,7 @@ class QatParams(Section):
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator
-    gates: StageGates = StageGates(max_map_drop=0.06, max_file_mb=5)
+    gates: StageGates = StageGates(max_map_drop=0.06, max_file_mb=5, max_latency_ratio=1.0)
 
 
 class GateParams(Section):

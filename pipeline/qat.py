@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import int8
+from pipeline import gates, int8
 from pipeline.params import Params, StageGates
 
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
@@ -350,25 +350,6 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
 # Gates
 
 
-def gate_failures(metrics: dict, gates: StageGates, trained_map: float, reference_latency_ms: float | None) -> list[str]:
-    """Why a candidate fails params.qat.gates, plus "ORT latency no worse than the pruned FP32 model"."""
-    failures = []
-    m = metrics["map50_95"]
-    if gates.max_map_drop is not None and trained_map - m > gates.max_map_drop:
-        failures.append(f"mAP50-95 {m:.4f} drops {trained_map - m:.4f} vs trained {trained_map:.4f} "
-                        f"(max {gates.max_map_drop})")
-    if gates.min_map50_95 is not None and m < gates.min_map50_95:
-        failures.append(f"mAP50-95 {m:.4f} < {gates.min_map50_95}")
-    if gates.max_file_mb is not None and metrics["file_mb"] > gates.max_file_mb:
-        failures.append(f"file {metrics['file_mb']:.2f} MB > {gates.max_file_mb} MB")
-    latency = metrics.get("latency_ms")
-    if gates.max_latency_ms is not None and latency is not None and latency > gates.max_latency_ms:
-        failures.append(f"latency {latency:.2f} ms > {gates.max_latency_ms} ms")
-    if reference_latency_ms is not None and latency is not None and latency > reference_latency_ms:
-        failures.append(f"latency {latency:.2f} ms > pruned FP32 ONNX {reference_latency_ms:.2f} ms")
-    return failures
-
-
 # ----------------------------------------------------------------------------------------------
 # The stage
 
@@ -490,7 +471,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     for name, candidate in candidates.items():
         m = candidate["metrics"]
         m["eval_latency_ms"], m["latency_ms"] = m["latency_ms"], latencies[name]
-        candidate["gate_failures"] = gate_failures(m, q.gates, trained_map, reference["latency_ms"])
+        checks = gates.check(m, q.gates, trained_metrics, reference["latency_ms"])
+        candidate["gate_failures"] = gates.failures(checks)
         candidate["passed"] = not candidate["gate_failures"]
 
     # Fastest among those that pass; if none passes, the most accurate, flagged as failing.

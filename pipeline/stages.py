@@ -18,13 +18,14 @@ OUTPUTS = Path("outputs")
 TRAIN_DIR = OUTPUTS / "train"
 SENSITIVITY_DIR = OUTPUTS / "sensitivity"
 PRUNE_DIR = OUTPUTS / "prune"
+QAT_DIR = OUTPUTS / "qat"
 EXPORT_DIR = OUTPUTS / "export"
 GATE_DIR = OUTPUTS / "gate"
 VALIDATE_DIR = OUTPUTS / "validate"
 
-STAGES = ["validate", "train", "sensitivity", "prune", "export", "gate"]
+STAGES = ["validate", "train", "sensitivity", "prune", "qat", "export", "gate"]
 # The registry alias each model-producing stage moves when its gates pass, in lineage order.
-ALIASES = {"train": "trained", "prune": "pruned", "export": "exported"}
+ALIASES = {"train": "trained", "prune": "pruned", "qat": "qat", "export": "exported"}
 
 
 class StageInputMissing(FileNotFoundError):
@@ -129,20 +130,46 @@ def prune(params: Params) -> dict:
     return {"metrics": metrics, "gate": gate}
 
 
+def qat(params: Params) -> dict:
+    from pipeline.gates import publish
+    from pipeline.qat import run_qat
+
+    trained = read_json(_require(TRAIN_DIR / "metrics.json", "train"))
+    pruned = read_json(_require(PRUNE_DIR / "metrics.json", "prune"))
+    metrics = run_qat(_require(PRUNE_DIR / "best.pt", "prune"), data_yaml(params), params, QAT_DIR, trained, pruned)
+    gate = publish(params, stage="qat", alias=ALIASES["qat"], files={"model_int8.onnx": QAT_DIR / "model_int8.onnx"},
+                   primary="model_int8.onnx", metrics=metrics, gates=params.qat.gates,
+                   dataset_hash=dataset_hash(params), out_dir=QAT_DIR, parent_alias=ALIASES["prune"],
+                   reference=trained, reference_latency_ms=metrics["reference_fp32_latency_ms"])
+    return {"metrics": metrics, "gate": gate}
+
+
 def export(params: Params) -> dict:
-    from pipeline.evaluate import evaluate, export_fp32_onnx
+    """The deployable INT8 ONNX: the qat stage's choice, simplified, with Ultralytics' metadata, checked
+    to load and predict in Ultralytics, and (for a QAT model) checked against its torch twin."""
+    from pipeline.evaluate import evaluate
     from pipeline.export import check_loads_and_predicts
     from pipeline.gates import publish
+    from pipeline.int8 import PARITY_TOLERANCE, finalize_int8, parity_check
 
     model = EXPORT_DIR / "model.onnx"
-    export_fp32_onnx(_require(PRUNE_DIR / "best.pt", "prune"), model, params.train.imgsz,
-                     params.export.opset, params.export.simplify)
+    qat_metrics = read_json(_require(QAT_DIR / "metrics.json", "qat"))
+    kernels = finalize_int8(_require(QAT_DIR / "model_int8.onnx", "qat"), QAT_DIR / "pruned_fp32.onnx", model,
+                            simplify=params.export.simplify)
     check_loads_and_predicts(model, data_yaml(params), params.train.imgsz)
     metrics = evaluate(model, data_yaml(params), params)
+    metrics["integer_kernels"] = kernels
+    extra_checks = []
+    if qat_metrics.get("qat_torch_pt"):
+        parity = parity_check(model, qat_metrics["qat_torch_pt"], data_yaml(params), params)
+        metrics["parity"] = parity
+        extra_checks.append({"gate": "parity_with_qat_torch_model", "value": round(parity["abs_diff"], 6),
+                             "limit": PARITY_TOLERANCE, "passed": parity["passed"]})
     write_json(EXPORT_DIR / "metrics.json", metrics)
     gate = publish(params, stage="export", alias=ALIASES["export"], files={"model.onnx": model}, primary="model.onnx",
                    metrics=metrics, gates=params.export.gates, dataset_hash=dataset_hash(params),
-                   out_dir=EXPORT_DIR, parent_alias=ALIASES["prune"], reference=read_json(TRAIN_DIR / "metrics.json"))
+                   out_dir=EXPORT_DIR, parent_alias=ALIASES["qat"], reference=read_json(TRAIN_DIR / "metrics.json"),
+                   extra_checks=extra_checks)
     return {"metrics": metrics, "gate": gate}
 
 
@@ -202,4 +229,4 @@ def bench(params: Params) -> dict:
 
 
 STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "sensitivity": sensitivity, "prune": prune,
-                   "export": export, "gate": gate}
+                   "qat": qat, "export": export, "gate": gate}

@@ -64,16 +64,17 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
     assert parity["passed"] == (parity["abs_diff"] <= 0.005)
 
 
-def test_gate_failures_name_each_violation():
+def test_gate_checks_name_each_violation():
+    from pipeline.gates import check, failures
+
     metrics = {"map50_95": 0.40, "file_mb": 6.0, "latency_ms": 9.0}
-    gates = StageGates(max_map_drop=0.05, max_file_mb=5, max_latency_ms=8)
-    failures = qat.gate_failures(metrics, gates, trained_map=0.50, reference_latency_ms=7.0)
-    assert len(failures) == 4
-    assert any("drops 0.1000" in f for f in failures)
-    assert any("6.00 MB > 5" in f for f in failures)
-    assert any("> 8" in f for f in failures)
-    assert any("pruned FP32 ONNX 7.00 ms" in f for f in failures)
-    assert qat.gate_failures({"map50_95": 0.49, "file_mb": 3.0, "latency_ms": 5.0}, gates, 0.50, 7.0) == []
+    gates = StageGates(max_map_drop=0.05, max_file_mb=5, max_latency_ms=8, max_latency_ratio=1.0)
+    found = failures(check(metrics, gates, {"map50_95": 0.50}, reference_latency_ms=7.0))
+    assert [f.split(":")[0] for f in found] == ["max_file_mb", "max_latency_ms", "max_map_drop", "max_latency_ratio"]
+    assert "max_map_drop: 0.1000 (limit 0.0500)" in found
+    assert "max_latency_ratio: 1.2857 (limit 1.0000)" in found
+    passing = {"map50_95": 0.49, "file_mb": 3.0, "latency_ms": 5.0}
+    assert failures(check(passing, gates, {"map50_95": 0.50}, reference_latency_ms=7.0)) == []
 
 
 def test_run_qat_rejects_bad_inputs(tmp_path):

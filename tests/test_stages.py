@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -40,6 +41,7 @@ def test_export_onnx_loads_in_ultralytics_and_ort_and_is_registered(trained_work
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {session.get_inputs()[0].name: np.zeros((1, 3, 64, 64), np.float32)})
     assert output.shape[0] == 1
+    assert result["metrics"]["integer_kernels"]["integer_convs_after"] > 0  # INT8 convs survive finalizing
     registry = open_registry(params.registry)
     exported = registry.manifest(registry.alias("exported"))
     aliases = list(stages.ALIASES.values())
@@ -80,9 +82,16 @@ def test_acceptance_gate_promotes_then_champion_blocks_a_worse_challenger(traine
     assert first["passed"] and registry.alias("production") == registry.alias("exported")
     production = registry.alias("production")
 
-    # A challenger that must beat production by an impossible margin is refused; production stays.
-    (trained_workdir / "outputs" / "export" / "model.onnx").unlink()
-    challenger = load_params("params.yaml", ["export.opset=16", "gate.champion_tolerance=-1.0"])
+    # A challenger (other bytes, practically the same weights) that must beat production by an impossible
+    # margin is refused; production stays.
+    qat_model = trained_workdir / "outputs" / "qat" / "model_int8.onnx"
+    graph = onnx.load(str(qat_model))
+    bias = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] += 1e-3
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(graph, str(qat_model))
+    challenger = load_params("params.yaml", ["gate.champion_tolerance=-1.0"])
     stages.export(challenger)
     assert registry.alias("exported") != production
     with pytest.raises(GateFailed, match=f"not_worse_than_production_v{production}"):
