@@ -12,7 +12,6 @@ reproduces the fake-quant model instead of re-deriving its own ranges.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
+from pipeline.io import atomic_write
 
 # Ops whose presence right after a Conv marks it as a feature conv (quantized) rather than a raw
 # prediction conv (left float). SiLU is exported as Sigmoid + Mul.
@@ -48,28 +49,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def save_onnx_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json_atomic(data, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 
 def input_image_size(model: onnx.ModelProto, path: str | Path = "") -> tuple[int, int]:

@@ -4,19 +4,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 
-def write_text(path: str | Path, text: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """`write(temp_path)` fills a temporary file beside `path`, which then replaces `path` in one rename:
+    readers see the old file or the new one, never half of one, and a crash leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staged.write_text(text)
-    staged.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
-def write_json(path: str | Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, data) -> Path:
+    # default=float: numpy scalars in metrics serialise as plain numbers
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def read_json(path: str | Path):

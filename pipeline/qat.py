@@ -32,7 +32,6 @@ import os
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import gates, int8
-from pipeline.params import Params, StageGates
+from pipeline import gates, int8, surgery
+from pipeline.io import write_json
+from pipeline.params import Params
 
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
 # Weights use ORT's reduced symmetric int8 range [-64, 64] (reduce_range=True): on x86 without VNNI,
@@ -238,27 +238,7 @@ def activation_qparams(model: nn.Module, mapping: dict[str, tuple[str, str]]) ->
 def save_checkpoint(model: nn.Module, path: Path, base_ckpt: dict, **extra) -> Path:
     """An Ultralytics-style checkpoint that `YOLO(path)` loads, kept in float32: halving the latent
     weights would move them across rounding boundaries and break parity with the INT8 ONNX."""
-    from ultralytics import __version__
-
-    model = copy.deepcopy(model).float().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if hasattr(model, "args") and not isinstance(model.args, dict):
-        model.args = dict(vars(model.args))
-    model.criterion = None
-    ckpt = {"date": datetime.now(timezone.utc).isoformat(), "version": __version__, "model": model,
-            "ema": None, "epoch": -1, "best_fitness": None, "optimizer": None,
-            "train_args": dict(base_ckpt.get("train_args") or {}), **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return surgery.save_checkpoint(model, path, base_ckpt, half=False, **extra)
 
 
 def export_float_onnx(model: nn.Module, base_ckpt: dict, out_onnx: Path, params: Params) -> Path:
@@ -486,7 +466,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     shutil.copyfile(candidates[chosen]["path"], tmp_copy)
     os.replace(tmp_copy, model_int8)
 
-    int8.write_json_atomic({"reference_pruned_fp32": reference, "candidates": candidates}, out_dir / "candidates.json")
+    write_json(out_dir / "candidates.json", {"reference_pruned_fp32": reference, "candidates": candidates})
     c = candidates[chosen]
     metrics = {
         **c["metrics"],
@@ -504,5 +484,5 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "reference_fp32_latency_ms": reference["latency_ms"],
         "reference_fp32_file_mb": reference["file_mb"],
     }
-    int8.write_json_atomic(metrics, out_dir / "metrics.json")
+    write_json(out_dir / "metrics.json", metrics)
     return metrics

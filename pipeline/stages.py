@@ -6,7 +6,6 @@ artifact to the registry through its gates. Nothing else decides where files go.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 

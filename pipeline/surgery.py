@@ -17,13 +17,13 @@ e.g. "model.2.cv1_b.conv"; names are stable for a given model YAML/scale.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from pipeline.io import atomic_write
 
 # Ultralytics attributes every layer of a DetectionModel carries (input index, layer index, type name, params):
 # `_predict_once` routes tensors with `f` and `i`, so a replacement layer must keep them.
@@ -192,28 +192,29 @@ def count_params_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
     return int(params), int(macs)
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, base_ckpt: dict | None = None, **extra) -> Path:
-    """Write `model` as an Ultralytics-style stripped checkpoint (FP16, loads with `YOLO(path)`), atomically.
+def save_checkpoint(model: nn.Module, path: str | Path, base_ckpt: dict | None = None, half: bool = True,
+                    **extra) -> Path:
+    """Write `model` as an Ultralytics-style stripped checkpoint (loads with `YOLO(path)`), atomically.
 
-    `base_ckpt` supplies train_args and other metadata (e.g. the checkpoint the model came from); `extra` keys are
-    added at the top level (e.g. pruning info).
+    FP16 like Ultralytics' own stripped checkpoints unless `half=False`. `base_ckpt` supplies train_args and
+    other metadata (e.g. the checkpoint the model came from); `extra` keys are added at the top level
+    (e.g. pruning info).
     """
     from ultralytics import __version__
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    half = copy.deepcopy(model).half().eval()
-    for p in half.parameters():
+    frozen = copy.deepcopy(model).eval()
+    frozen = frozen.half() if half else frozen.float()
+    for p in frozen.parameters():
         p.requires_grad_(False)
-    if hasattr(half, "args") and not isinstance(half.args, dict):
-        half.args = dict(vars(half.args)) if hasattr(half.args, "__dict__") else dict(half.args)
-    if hasattr(half, "criterion"):
-        half.criterion = None
+    if hasattr(frozen, "args") and not isinstance(frozen.args, dict):
+        frozen.args = dict(vars(frozen.args)) if hasattr(frozen.args, "__dict__") else dict(frozen.args)
+    if hasattr(frozen, "criterion"):
+        frozen.criterion = None
     base_ckpt = base_ckpt or {}
     ckpt = {
         "date": datetime.now(timezone.utc).isoformat(),
         "version": __version__,
-        "model": half,
+        "model": frozen,
         "ema": None,
         "epoch": -1,
         "best_fitness": None,
@@ -221,12 +222,4 @@ def save_checkpoint(model: nn.Module, path: str | Path, base_ckpt: dict | None =
         "train_args": dict(base_ckpt.get("train_args") or {}),
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

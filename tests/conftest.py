@@ -54,6 +54,39 @@ def write_tiny_params(folder: Path, extra: dict | None = None) -> Path:
     return path
 
 
+def random_tiny_model(width: float = 0.125, depth: float = 0.33, nc: int = 4):
+    """An untrained scaled-down YOLOv8 with random BatchNorm statistics and affine terms: a fresh model's
+    near-constant outputs would hide wrong channel slices or quantization errors."""
+    import torch
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    torch.manual_seed(0)
+    cfg = yaml_model_load("yolov8n.yaml")
+    cfg["scales"] = {"n": [depth, width, 1024]}
+    cfg["scale"] = "n"
+    model = DetectionModel(cfg, nc=nc, verbose=False)
+    model.names = {i: f"class{i}" for i in range(nc)}
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: on 2 shared cores extra intra-op threads only add contention."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A fresh working folder holding tiny params.yaml; the pipeline's relative paths land in it."""

@@ -9,32 +9,18 @@ import onnx
 import pytest
 import torch
 
+from conftest import random_tiny_model
 from pipeline import int8, qat
 
 IMGSZ = 64
 
 
 def _tiny_model(nc: int = 4):
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-
     from pipeline.surgery import rewrite_c2f
 
-    torch.manual_seed(0)
-    cfg = yaml_model_load("yolov8n.yaml")
-    cfg["scales"] = {"n": [0.33, 0.125, 1024]}
-    cfg["scale"] = "n"
-    model = DetectionModel(cfg, nc=nc, verbose=False)
-    model.names = {i: f"class{i}" for i in range(nc)}
-    # Random BatchNorm statistics: a fresh model's near-constant outputs would hide quantization errors.
-    generator = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+    model = random_tiny_model(nc=nc)
     rewrite_c2f(model)  # the form pruned checkpoints have
-    return model.eval()
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine extra intra-op threads only add contention.
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _tiny_checkpoint(path, width=0.125):
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load

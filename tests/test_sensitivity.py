@@ -13,15 +13,7 @@ IMGSZ = 64
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine extra intra-op threads only add contention.
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _tiny_checkpoint(path):
     """An unpruned Ultralytics-style checkpoint (original C2f blocks), like train's best.pt but untrained."""

@@ -6,36 +6,10 @@ import copy
 import pytest
 import torch
 
+from conftest import random_tiny_model as _tiny_model
 from pipeline import surgery
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on a shared 2-core machine extra intra-op threads only add contention.
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-def _tiny_model(width: float = 0.125, depth: float = 0.33, nc: int = 4):
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-
-    cfg = yaml_model_load("yolov8n.yaml")
-    cfg["scales"] = {"n": [depth, width, 1024]}
-    cfg["scale"] = "n"
-    model = DetectionModel(cfg, nc=nc, verbose=False)
-    # Random BatchNorm statistics, so a wrong slice of running_mean/var would show up in the outputs.
-    generator = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
-    return model.eval()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("width", [0.125])
