@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -176,8 +177,20 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = _parse_value(value)
 
 
+ENV_PREFIX = "PIPELINE_"
+
+
+def env_overrides(environ=None) -> list[str]:
+    """`PIPELINE_REGISTRY__URI=s3://b/p` means `--set registry.uri=s3://b/p`: how a worker's environment
+    (a container, a Kubernetes pod) points the same params.yaml at its own registry or data."""
+    environ = os.environ if environ is None else environ
+    return [f"{name[len(ENV_PREFIX):].lower().replace('__', '.')}={value}"
+            for name, value in sorted(environ.items()) if name.startswith(ENV_PREFIX) and "__" in name]
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | tuple = (),
                 data: str | None = None) -> Params:
+    """params.yaml, then PIPELINE_SECTION__KEY environment variables, then `overrides`, then `data`."""
     path = Path(path)
     raw: dict = {}
     if path.exists():
@@ -187,7 +200,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | tuple 
             raise ParamsError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(raw, dict):
             raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    for assignment in overrides:
+    for assignment in [*env_overrides(), *overrides]:
         apply_override(raw, assignment)
     if data is not None:
         raw.setdefault("data", {})["yaml"] = str(data)

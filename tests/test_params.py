@@ -42,3 +42,12 @@ def test_broken_params_file_names_the_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match=str(bad)):
         load_params(bad)
+
+
+def test_environment_overrides_sit_between_file_and_command_line(monkeypatch):
+    monkeypatch.setenv("PIPELINE_REGISTRY__URI", "s3://models/edge")
+    monkeypatch.setenv("PIPELINE_TRAIN__EPOCHS", "7")
+    monkeypatch.setenv("PIPELINE_UNRELATED", "ignored")  # no section separator: not a params entry
+    p = load_params("params.yaml")
+    assert p.registry.uri == "s3://models/edge" and p.train.epochs == 7
+    assert load_params("params.yaml", ["train.epochs=9"]).train.epochs == 9
