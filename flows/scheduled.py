@@ -186,7 +186,7 @@ def read_notes(workspace: Path) -> list[dict]:
 
 
 def append_note(workspace: Path, note: dict) -> dict:
-    note = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **note}
+    note = {**note, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # when written
     line = json.dumps(note, sort_keys=True, default=str) + "\n"
     # One write() of one line in append mode: concurrent appenders cannot interleave inside a line.
     with open(state_dir(workspace) / NOTES_FILE, "a") as f:
@@ -383,7 +383,6 @@ def scheduled_retraining(workspace: str = ".", params_path: str = str(DEFAULT_PA
         if not (have_slot and have_lock):
             what = (f"the workspace lock is held by {lock_holder(workspace_path)}" if have_slot else
                     f"the global concurrency limit {concurrency_limit_name!r} is full")
-            # Not noted via finish()'s artifact only: another run is at work, this one changes nothing.
             return finish(workspace_path, {**base, "outcome": "busy",
                                            "reason": f"another run is in progress: {what}"})
         with working_directory(workspace_path):
@@ -407,7 +406,7 @@ def scheduled_retraining(workspace: str = ".", params_path: str = str(DEFAULT_PA
             append_note(workspace_path, {**note, "event": "started", "reason": decision["reason"]})
             try:
                 pipeline_state = run_pipeline(params_path, data, overrides or [])
-            except Exception as e:  # the subflow could not even start (bad params, unreachable API ...)
+            except Exception as e:  # raised instead of returning a failed state: it could not even start
                 return finish(workspace_path, {**note, "outcome": "failed", "reason": f"{type(e).__name__}: {e}"})
             registry = open_registry(params.registry)
             outcome, reason, report = outcome_of(pipeline_state, registry, decision["production"])
@@ -524,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.pool!r}; "
               f"trigger a run: prefect deployment run '{FLOW_NAME}/{args.name}'")
         return 0
-    except (ParamsError, RegistryError, WorkspaceError, FileNotFoundError) as e:
+    except (ParamsError, RegistryError, WorkspaceError, FileNotFoundError, ValueError) as e:
+        # ValueError: also Prefect's "work pool ... does not exist / does not support images" on --deploy.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, write_tiny_params
 
@@ -180,7 +179,8 @@ def artifacts_of(flow_run_id) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with client() as c:
-        found = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        only_this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        found = c.read_artifacts(artifact_filter=only_this_run)
     return {a.key: a for a in found}
 
 
@@ -211,7 +211,8 @@ def test_deployment_has_the_cron_schedule_and_one_run_at_a_time(deployment, work
         d = c.read_deployment_by_name(deployment)
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
     assert d.schedules[0].schedule.timezone == "UTC"
-    assert d.concurrency_limit == 1 or d.global_concurrency_limit.limit == 1
+    assert d.global_concurrency_limit.limit == 1
+    assert d.concurrency_options.collision_strategy == "ENQUEUE"  # a run coming due waits, is not dropped
     assert d.parameters["workspace"] == str(workspace)
     assert d.work_pool_name == POOL
 
@@ -258,6 +259,20 @@ def test_second_run_with_unchanged_data_is_skipped_and_recorded(first_run, deplo
     last = notes(workspace)[-1]
     assert (last["event"], last["outcome"], last["flow_run_id"]) == ("finished", "skipped", str(second.id))
     assert "Scheduled retraining: **skipped**" in artifacts_of(second.id)["scheduled-retraining"].data
+
+
+@pytest.mark.slow
+def test_check_cli_says_skip_and_why(first_run, workspace, server):
+    def check(*extra):
+        out = server.run([sys.executable, "-m", "flows.scheduled", "--check", "--json", "--workspace",
+                          str(workspace), *extra])
+        return json.loads(out)
+
+    unchanged = check()
+    assert unchanged["retrain"] is False and "unchanged" in unchanged["reason"]
+    assert unchanged["production"] == registry_of(workspace).alias("production")
+    changed = check("--set", "train.epochs=2", "--set", "orchestration.max_workers=1")
+    assert changed["retrain"] is True and changed["changes"] == ["train.epochs: 1 -> 2"]
 
 
 @pytest.mark.slow
@@ -309,26 +324,26 @@ def test_busy_workspace_is_recorded_as_skipped(first_run, workspace):
 
 @pytest.mark.slow
 def test_crash_midway_leaves_production_and_is_noticed_by_the_next_run(first_run, workspace, monkeypatch):
-    """Changed params -> retrain; the pipeline dies half-way: production stays, the lock is free, the failure is
-    recorded, and the next run (here: a killed one's dangling 'started' note) is reported as crashed."""
+    """Changed params -> retrain; the real pipeline flow dies half-way (validate done, train crashes): production
+    and the registry stay as they were, the lock is free, the failure is recorded; and a killed run's dangling
+    'started' note is reported as crashed by the next run."""
     import flows.scheduled as scheduled
+    import pipeline.train
     from pipeline.params import load_params
 
     registry = registry_of(workspace)
     production = registry.alias("production")
+    versions = [m.version for m in registry.versions()]
 
-    def dies_half_way(params_path, data, overrides):
-        params = load_params(params_path, overrides, data)
-        from pipeline import stages
+    def crashes(*args, **kwargs):
+        raise RuntimeError("simulated crash in the middle of training")
 
-        stages.validate(params)  # some real work, then the process "crashes"
-        raise RuntimeError("simulated crash in the middle of the pipeline")
-
-    monkeypatch.setattr(scheduled, "run_pipeline", dies_half_way)
+    monkeypatch.setattr(pipeline.train, "train", crashes)  # stages.train imports it at call time
     state = scheduled.scheduled_retraining(workspace=str(workspace), overrides=["train.lr0=0.02"],
                                            return_state=True)
     assert state.is_failed() and "simulated crash" in state.message, state
     assert registry.alias("production") == production
+    assert [m.version for m in registry.versions()] == versions
     with scheduled.workspace_lock(workspace, {"who": "test"}) as held:
         assert held, "the lock must be free after a failed run"
     assert notes(workspace)[-1]["outcome"] == "failed"
@@ -342,6 +357,26 @@ def test_crash_midway_leaves_production_and_is_noticed_by_the_next_run(first_run
     monkeypatch.chdir(workspace)  # decide() reads the data and the registry relative to the workspace
     decision = scheduled.decide(load_params("params.yaml", ["train.lr0=0.02"]), workspace)
     assert decision["retrain"] and "train.lr0" in decision["reason"]
+
+
+@pytest.mark.slow
+def test_prefect_yaml_and_the_k8s_job_template_are_accepted_by_a_real_server(server):
+    """`prefect deploy --all` from prefect.yaml, on pools made as infra/README.md says (the Kubernetes one
+    with infra/k8s/base-job-template.json, which the server validates). Nothing runs: no worker polls them."""
+    server.prefect("work-pool", "create", "edge-yolo-process", "--type", "process")
+    server.prefect("work-pool", "create", "edge-yolo-k8s", "--type", "kubernetes",
+                   "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
+    server.prefect("--no-prompt", "deploy", "--all")
+    with client() as c:
+        k8s = c.read_deployment_by_name("scheduled-retraining/scheduled-retraining-k8s")
+        process = c.read_deployment_by_name("scheduled-retraining/scheduled-retraining-process")
+        pool = c.read_work_pool("edge-yolo-k8s")
+    for d in (k8s, process):
+        assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
+        assert d.global_concurrency_limit.limit == 1
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/pipeline"}}]
+        assert d.parameters["workspace"] == "/workspace"
+    assert k8s.job_variables["image"] and "gpu_count" in pool.base_job_template["variables"]["properties"]
 
 
 # ------------------------------------------------------------------------------------ no server needed
@@ -385,3 +420,24 @@ def test_lock_is_exclusive_and_freed_when_its_holder_is_killed(tmp_path):
             assert held
     finally:
         stop(holder)
+
+
+def test_a_rejection_says_which_gates_failed_and_is_not_retried_every_night(tmp_path):
+    from prefect.states import Failed
+
+    from flows.scheduled import append_note, last_rejection, outcome_of
+    from pipeline.gates import GateFailed
+
+    report = {"stage": "gate", "version": 7, "passed": False,
+              "checks": [{"gate": "min_map50_95", "value": 0.6, "limit": 0.5, "passed": True},
+                         {"gate": "max_latency_ms", "value": 130.0, "limit": 100.0, "passed": False}]}
+    outcome, reason, got = outcome_of(Failed(data=GateFailed(report)), registry=None, production_before=3)
+    assert (outcome, reason, got) == ("rejected", "gate gate failed: max_latency_ms", report)
+
+    decision = {"dataset_hash": "d1", "model_params_hash": "p1", "production": 3}
+    assert last_rejection(tmp_path, decision) is None
+    append_note(tmp_path, {"event": "finished", "outcome": "rejected", "reason": reason, "flow_run_id": "r1",
+                           "dataset_hash": "d1", "model_params_hash": "p1", "production_before": 3})
+    assert last_rejection(tmp_path, decision)["flow_run_id"] == "r1"
+    assert last_rejection(tmp_path, {**decision, "dataset_hash": "d2"}) is None  # new data: try again
+    assert last_rejection(tmp_path, {**decision, "production": 4}) is None  # another champion: try again
