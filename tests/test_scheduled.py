@@ -323,6 +323,23 @@ def test_busy_workspace_is_recorded_as_skipped(first_run, workspace):
 
 
 @pytest.mark.slow
+def test_a_full_global_concurrency_limit_is_busy_and_a_missing_one_an_error(server, tmp_path):
+    """For workspaces on several machines: the Prefect global concurrency limit named in the parameters."""
+    from prefect.concurrency.sync import concurrency
+
+    from flows.scheduled import scheduled_retraining
+
+    server.prefect("gcl", "create", "edge-yolo-registry", "--limit", "1")
+    with concurrency("edge-yolo-registry", occupy=1):  # another run holds the only slot
+        state = scheduled_retraining(workspace=str(tmp_path), concurrency_limit_name="edge-yolo-registry",
+                                     return_state=True)
+    assert state.name == "Skipped" and "'edge-yolo-registry' is full" in state.message, state
+    assert notes(tmp_path)[-1]["outcome"] == "busy"
+    state = scheduled_retraining(workspace=str(tmp_path), concurrency_limit_name="no-such-limit", return_state=True)
+    assert state.is_failed() and "must be created" in state.message, state
+
+
+@pytest.mark.slow
 def test_crash_midway_leaves_production_and_is_noticed_by_the_next_run(first_run, workspace, monkeypatch):
     """Changed params -> retrain; the real pipeline flow dies half-way (validate done, train crashes): production
     and the registry stay as they were, the lock is free, the failure is recorded; and a killed run's dangling
