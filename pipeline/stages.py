@@ -110,8 +110,9 @@ def sensitivity(params: Params, map_fn=None) -> dict:
     from pipeline.sensitivity import run_sensitivity
 
     map_fn = map_fn or process_pool_map(params.orchestration.max_workers)
-    result = run_sensitivity(_require(TRAIN_DIR / "best.pt", "train"), data_yaml(params), params, SENSITIVITY_DIR,
-                             map_fn=map_fn, granularity=params.sensitivity.granularity)
+    # Absolute paths: evaluations may run in other processes or on Dask workers elsewhere (same mount).
+    result = run_sensitivity(_require(TRAIN_DIR / "best.pt", "train").resolve(), data_yaml(params).resolve(),
+                             params, SENSITIVITY_DIR, map_fn=map_fn, granularity=params.sensitivity.granularity)
     plan = result["plan"]
     return {"baseline": result["baseline"], "evaluations": len(result["rows"]),
             "plan": {k: v for k, v in plan.items() if k not in ("model",)}}
