@@ -58,7 +58,7 @@ class TrainParams(Section):
     depth_multiple: float | None = None  # None keeps the model YAML's own scale
     width_multiple: float | None = None
     imgsz: int = 160
-    epochs: int = 30
+    epochs: int = 40
     batch: int = 16
     seed: int = 0
     device: str = "cpu"
@@ -68,7 +68,7 @@ class TrainParams(Section):
     optimizer: str = "auto"  # auto, SGD, Adam, AdamW, ...
     mosaic: float = 1.0  # probability of Ultralytics' mosaic augmentation
     close_mosaic: int = 10  # final epochs without mosaic
-    warmup_epochs: float = 3.0
+    warmup_epochs: float = 1.0
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
@@ -99,7 +99,7 @@ class SensitivityParams(Section):
 
 class PruneParams(Section):
     steps: int = 2
-    epochs_per_step: int = 3
+    epochs_per_step: int = 5
     max_drop: float = 0.03  # stop pruning further once the drop vs trained exceeds this
     gates: StageGates = StageGates(max_map_drop=0.05, min_params_reduction=0.2)
 

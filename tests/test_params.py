@@ -51,3 +51,24 @@ def test_environment_overrides_sit_between_file_and_command_line(monkeypatch):
     p = load_params("params.yaml")
     assert p.registry.uri == "s3://models/edge" and p.train.epochs == 7
     assert load_params("params.yaml", ["train.epochs=9"]).train.epochs == 9
+
+
+def test_params_yaml_spells_out_every_default():
+    # params.yaml is the reference users read: it lists every entry (unset gates aside) with the model's defaults.
+    import yaml
+
+    from pipeline.params import Params
+
+    assert load_params("params.yaml").as_dict() == Params().as_dict()
+
+    def leaves(tree, prefix=""):
+        found = set()
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                found |= leaves(value, f"{prefix}{key}.")
+            elif value is not None or ".gates." not in f".{prefix}":
+                found.add(f"{prefix}{key}")
+        return found
+
+    with open("params.yaml") as f:
+        assert leaves(Params().as_dict()) <= leaves(yaml.safe_load(f))
