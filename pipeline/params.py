@@ -109,7 +109,7 @@ class QatParams(Section):
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator
-    gates: StageGates = StageGates(max_map_drop=0.06, max_file_mb=5, max_latency_ratio=1.0)
+    gates: StageGates = StageGates(max_map_drop=0.02, max_file_mb=5, max_latency_ratio=1.0)
 
 
 class GateParams(Section):
