@@ -90,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationFailed, GateFailed) as e:
         print(f"\n{e}", file=sys.stderr)
         return 1
-    except (ParamsError, DatasetError, RegistryError, StageInputMissing, FileNotFoundError, ValueError) as e:
+    except (ParamsError, DatasetError, RegistryError, StageInputMissing, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # Our own stage errors (TrainError, QatError, ...) carry a message meant for people; anything
+        # else is a bug, and its traceback is what a bug report needs.
+        if type(e).__module__.startswith("pipeline."):
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":
