@@ -408,7 +408,7 @@ def test_change_rule_ignores_settings_that_cannot_change_the_model():
                                    "registry": {"uri": "s3://bucket/models"}}).as_dict()
     assert params_changes(before, after) == []
     after["train"]["epochs"] = 5
-    assert params_changes(before, after) == ["train.epochs: 30 -> 5"]
+    assert params_changes(before, after) == [f"train.epochs: {before['train']['epochs']} -> 5"]
     # A setting added to the code since the production model was trained, left at its default: no change.
     older = Params().as_dict()
     del older["train"]["lr0"]
