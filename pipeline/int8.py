@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -355,28 +354,6 @@ def int8_initializer_bytes(onnx_path: str | Path) -> dict:
             other_bytes += size
     return {"int8_bytes": int8_bytes, "float_bytes": float_bytes, "other_bytes": other_bytes,
             "file_bytes": Path(onnx_path).stat().st_size}
-
-
-def ort_latency_ms(onnx_path: str | Path, threads: int = 1, runs: int = 30, warmup: int = 5) -> float:
-    """Median batch-1 latency of ORT's CPU provider on a random input, in milliseconds."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    for _ in range(warmup):
-        session.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {inp.name: x})
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
 
 
 def ort_outputs(onnx_path: str | Path, x: np.ndarray) -> list[np.ndarray]:

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import gates, int8, surgery
+from pipeline.evaluate import evaluate, export_fp32_onnx, onnx_latency_ms
 from pipeline.io import write_json
 from pipeline.params import Params
 
@@ -243,7 +244,6 @@ def save_checkpoint(model: nn.Module, path: Path, base_ckpt: dict, **extra) -> P
 
 def export_float_onnx(model: nn.Module, base_ckpt: dict, out_onnx: Path, params: Params) -> Path:
     """The QAT model's BN-folded float weights as an Ultralytics ONNX export (fake quantization off)."""
-    from pipeline.evaluate import export_fp32_onnx
 
     float_model = copy.deepcopy(model)
     set_fake_quant(float_model, False)
@@ -335,7 +335,6 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
 
 
 def _measure_onnx(path: Path, data_yaml: Path, params: Params) -> dict:
-    from pipeline.evaluate import evaluate
 
     metrics = evaluate(path, data_yaml, params)
     kernels = int8.count_integer_kernels(path)
@@ -344,8 +343,8 @@ def _measure_onnx(path: Path, data_yaml: Path, params: Params) -> dict:
         "integer_convs": kernels["integer_convs"], "float_convs": kernels["float_convs"],
         "qlinear_sigmoid": kernels["QLinearSigmoid"], "qlinear_mul": kernels["QLinearMul"],
         **int8.int8_initializer_bytes(path),
-        "latency_ms_1thr": int8.ort_latency_ms(path, 1, e.runs, e.warmup),
-        "latency_ms_2thr": int8.ort_latency_ms(path, 2, e.runs, e.warmup),
+        "latency_ms_1thr": onnx_latency_ms(path, 1, e.warmup, e.runs),
+        "latency_ms_2thr": onnx_latency_ms(path, 2, e.warmup, e.runs),
     })
     return metrics
 
@@ -360,7 +359,7 @@ def interleaved_latency_ms(paths: dict[str, Path], threads: int, runs: int, warm
     best = {name: float("inf") for name in paths}
     for _ in range(rounds):
         for name, path in paths.items():
-            best[name] = min(best[name], int8.ort_latency_ms(path, threads, runs, warmup))
+            best[name] = min(best[name], onnx_latency_ms(path, threads, warmup, runs))
     return best
 
 
@@ -395,7 +394,6 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     pruned_fp32.onnx (the reference), model_int8.onnx (chosen), candidates.json and metrics.json.
     Returns the metrics.json content; "passed" is False (with reasons) when no candidate passes.
     """
-    from pipeline.evaluate import export_fp32_onnx
 
     pruned_pt, data_yaml, out_dir = Path(pruned_pt), Path(data_yaml), Path(out_dir)
     if not pruned_pt.is_file():
