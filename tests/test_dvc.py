@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, write_tiny_params
 
-pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+pytestmark = [pytest.mark.skipif(shutil.which("git") is None, reason="needs git"), pytest.mark.slow]
 
 
 def run(cmd, cwd, check=True):

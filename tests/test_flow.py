@@ -5,6 +5,8 @@ import pytest
 
 from pipeline.registry import open_registry
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def prefect_api():
