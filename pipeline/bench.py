@@ -92,7 +92,7 @@ def bench(params: Params, data_yaml: Path, train_dir: Path, prune_dir: Path, fin
                 measure("Ultralytics export quantize=8", ultra, train_dir / "best.pt", data_yaml, params, runs),
                 measure("ours: pruned FP32", pruned, prune_dir / "best.pt", data_yaml, params, runs),
                 measure("ours: pruned + INT8", final_onnx, prune_dir / "best.pt", data_yaml, params, runs)]
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cpu_count()} cores, {platform.system()}"
+    machine = f"{platform.machine()} {_cpu_model()}, {_cpu_count()} cores, {platform.system()}"
     import onnxruntime
 
     header = (f"Benchmark {time.strftime('%Y-%m-%d')} on {machine}; ONNX Runtime {onnxruntime.__version__} CPU, "
@@ -102,6 +102,17 @@ def bench(params: Params, data_yaml: Path, train_dir: Path, prune_dir: Path, fin
     write_text(out_dir / "bench.md", text)
     write_json(out_dir / "bench.json", {"rows": rows, "targets": TARGETS, "header": header})
     return {"rows": rows, "markdown": text}
+
+
+def _cpu_model() -> str:
+    """CPU model and whether it has VNNI (integer dot products): INT8 speed-ups depend on it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "cpu"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "cpu")
+    vnni = "avx512_vnni" in info or "avx_vnni" in info
+    return f"{model} ({'with' if vnni else 'no'} VNNI)"
 
 
 def _cpu_count() -> int:
