@@ -17,6 +17,8 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from pipeline.io import sha256_file
+
 # Ultralytics' IMG_FORMATS: any other file inside an images folder is ignored by training.
 IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
 SPLITS = ("train", "val", "test")
@@ -159,10 +161,6 @@ def _check_labels_folders(yaml_path: Path, split: str, sources: list[Path], imag
             raise DatasetError(f"{yaml_path}: {split} labels folder {labels_dir} does not exist", labels_dir)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def dataset_hash(spec: DatasetSpec) -> str:
     """sha256 over (relative path, content sha256) of every image and label file, in sorted order."""
     files: dict[str, Path] = {}
@@ -174,7 +172,7 @@ def dataset_hash(spec: DatasetSpec) -> str:
                 files[spec.relpath(label)] = label
     digest = hashlib.sha256()
     for relpath in sorted(files):
-        digest.update(f"{relpath}\0{_sha256(files[relpath])}\n".encode())
+        digest.update(f"{relpath}\0{sha256_file(files[relpath])}\n".encode())
     return digest.hexdigest()
 
 
@@ -186,7 +184,7 @@ def image_table(spec: DatasetSpec) -> pd.DataFrame:
                    "width": None, "height": None, "sha256": None, "box_count": 0,
                    "label_path": None, "label_error": None}
             try:
-                row["sha256"] = _sha256(image)
+                row["sha256"] = sha256_file(image)
                 with Image.open(image) as im:
                     im.load()  # a full decode: verify() alone misses truncated data
                     row["width"], row["height"] = im.size
