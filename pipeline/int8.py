@@ -78,6 +78,31 @@ def feature_conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             if node.op_type == "Conv" and any(c.op_type in ACTIVATION_OPS for c in consumers.get(node.output[0], []))]
 
 
+def float_conv_reasons(model: onnx.ModelProto) -> dict[str, str]:
+    """{Conv node name: why it stays float} for every Conv that `feature_conv_nodes` leaves out.
+
+    The reason follows from what reads the conv's output, as the selection does; the QAT model keeps the
+    same convs float (insert_quant_convs only fake-quantizes conv blocks with an activation).
+    """
+    consumers = consumers_by_tensor(model)
+    selected = {node.name for node in feature_conv_nodes(model)}
+    reasons = {}
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name in selected:
+            continue
+        readers = {c.op_type for c in consumers.get(node.output[0], [])}
+        if "attn" in node.name and "Reshape" in readers:
+            why = "attention query/key/value: reshaped into heads for float matrix products and a softmax"
+        elif "Reshape" in readers or "Softmax" in readers or not readers:
+            why = ("prediction conv (box distances, class logits or DFL): one 8-bit scale cannot span "
+                   "the decoded values")
+        else:  # could be quantized too, but it is outside the conv -> activation pairs this scheme covers
+            read_by = "a residual Add" if readers == {"Add"} else ", ".join(sorted(readers))
+            why = f"no activation after it (read by {read_by}): outside the conv+activation pairs quantized here"
+        reasons[node.name] = why
+    return reasons
+
+
 def isolate_conv_inputs(model: onnx.ModelProto, convs: list[onnx.NodeProto]) -> dict[str, str]:
     """Give the quantized convs their own copy (Identity) of any input tensor that other nodes also read.
 

@@ -1,7 +1,8 @@
 """Stage `prune`: apply the sensitivity plan to the trained model in steps, fine-tuning after each.
 
 Step k of N prunes every unit of the plan to k/N of its planned ratio (measured against the original width,
-lowest-magnitude channels first, importance recomputed on the fine-tuned weights), then fine-tunes the pruned
+lowest-magnitude channels first, importance recomputed on the fine-tuned weights; Torch-Pruning's MetaPruner
+with iterative steps, see pipeline/units.py), then fine-tunes the pruned
 module itself for `epochs_per_step` epochs with Ultralytics' trainer and measures it with the shared evaluator.
 Pruning stops after the first step whose mAP50-95 drop versus the trained model exceeds `prune.max_drop`.
 The kept checkpoint is the most pruned step within max_drop (if even step 1 exceeds it, step 1 is kept and the
@@ -20,7 +21,7 @@ from pathlib import Path
 from pipeline import prepare_ultralytics, surgery
 from pipeline.io import read_json, sha256_file, write_json
 from pipeline.params import Params
-from pipeline.sensitivity import group_roots, list_groups, load_model, prune_units
+from pipeline.units import UnitPruner, list_groups, load_model
 
 
 class PruneError(RuntimeError):
@@ -113,20 +114,19 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         raise PruneError(f"prune.steps must be >= 1, got {pp.steps}")
 
     model, ckpt = load_model(trained_pt)
-    initial_channels = {root: module.out_channels for root, module in
-                        ((r, model.get_submodule(r)) for r in group_roots(model))}
+    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
+    pruner = UnitPruner(model, ratios, steps=pp.steps)
     params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
     trained = evaluate(trained_pt, data_yaml, params, latency=False)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".prune-", dir=out_dir))
-    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
     steps: list[dict] = []
     best_step = None
     try:
         for step in range(1, pp.steps + 1):
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
-            prune_units(model, step_ratios, initial_channels)
+            pruner.step()
             if pp.epochs_per_step > 0:
                 finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt)
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
@@ -162,6 +162,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         "within_max_drop": best_step["drop"] <= pp.max_drop,
         "plan_target_met": plan.get("target_met"),
         "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
+        "reparam": plan.get("reparam"),  # what re-parameterizing the trained model changed (sensitivity measured it)
     }
     for record in steps:
         record.pop("checkpoint")

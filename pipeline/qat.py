@@ -481,6 +481,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "pruned_map50_95": pruned_metrics.get("map50_95"),
         "reference_fp32_latency_ms": reference["latency_ms"],
         "reference_fp32_file_mb": reference["file_mb"],
+        # Every candidate quantizes the same convs; these stay float, and why (the family's head and attention).
+        "float_layers": int8.float_conv_reasons(int8.load_onnx(reference_onnx)),
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics

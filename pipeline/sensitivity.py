@@ -10,19 +10,18 @@ Outputs in `out_dir`: sensitivity.csv / sensitivity.json (one row per unit and r
 drops as one column per unit, for `dvc plots`), plot.png (one curve per unit) and plan.json (per-unit pruning
 ratios, see `build_plan`).
 
-Pruning units. Torch-Pruning finds ~60 coupled channel groups in YOLOv8 (one per convolution whose output
-channels are not tied to another's). Measuring each at 4 ratios is ~240 evaluations, too slow for the demo on
-two cores, so by default a unit is one Ultralytics layer (`model.6`: every group whose root convolution lives
-in layer 6, pruned at the same ratio), except the Detect head, where each box/class branch of each scale is its
-own unit (`model.22.cv2.0`), because the branches behave very differently. That is 22 units for YOLOv8.
-`list_groups(..., granularity="group")` returns the individual Torch-Pruning groups instead
-(`model.6.cv1_a.conv`); every function here accepts either kind of id.
+Pruning units (pipeline/units.py): by default one Ultralytics layer (`model.6`), or one box/class branch of one
+scale in the Detect head (`model.22.cv2.0`); 22 units for YOLOv8n. `granularity: group` measures every
+Torch-Pruning group on its own (`model.6.cv1_a.conv`). Units that cannot be pruned safely are not measured:
+they get one row in sensitivity.csv with their reason in `skipped` (and are listed in plan.json), as do the
+convs kept whole inside units that are measured.
+
+The model measured is the trained checkpoint re-parameterized (pipeline/reparam.py: YOLOv9's RepConv fused
+into one conv); plan.json's `reparam` records what that alone changed.
 """
 from __future__ import annotations
 
-import copy
 import csv
-import functools
 import io
 import math
 import os
@@ -32,124 +31,30 @@ from typing import Callable, Iterable
 
 from pipeline.io import sha256_file, write_json, write_text
 from pipeline.params import Params
-from pipeline import prepare_ultralytics, surgery
+from pipeline import prepare_ultralytics, reparam, surgery
+# in_unit, list_groups, load_model and prune_units are used through this module by its callers and tests
+from pipeline.units import (cached_channel_groups, in_unit, kept_whole, list_groups, load_model, prune_units,  # noqa: F401
+                            skipped_units)
 
-# Channel structure does not depend on image size; a small trace is enough and fast.
-TRACE_IMGSZ = 64
-CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed"]
+CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
 
 
 class SensitivityError(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------------------------------------- pruning units
-
-
-def unit_of(group_root: str, granularity: str = "layer") -> str:
-    """The unit id a Torch-Pruning group (named by its root conv) belongs to."""
-    if granularity == "group":
-        return group_root
-    if granularity != "layer":
-        raise ValueError(f"granularity must be 'layer' or 'group', got {granularity!r}")
-    parts = group_root.split(".")  # model.<layer>.<submodule>...
-    layer = ".".join(parts[:2])
-    # Detect head: `model.22.cv2.0.1.conv` -> unit `model.22.cv2.0` (one box/class branch at one scale).
-    if len(parts) >= 5 and parts[2] in {"cv2", "cv3", "one2one_cv2", "one2one_cv3"} and parts[3].isdigit():
-        return ".".join(parts[:4])
-    return layer
-
-
-def in_unit(group_root: str, unit: str) -> bool:
-    return group_root == unit or group_root.startswith(unit + ".")
-
-
-@functools.lru_cache(maxsize=2)
-def _load_cached(pt_path: str, mtime_ns: int, size: int):
-    # One load per process and checkpoint version: every evaluation then deep-copies the rewritten model,
-    # which is much cheaper than unpickling and rewriting it again.
-    return surgery.load_detection_model(pt_path)
-
-
-def load_model(trained_pt: str | Path):
-    """(rewritten FP32 model, checkpoint dict) for `trained_pt`; the model is a private copy."""
-    path = Path(trained_pt)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: trained checkpoint not found")
-    stat = path.stat()
-    model, ckpt = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-    return copy.deepcopy(model), ckpt
-
-
-def group_roots(model) -> list[str]:
-    """Root conv names of every prunable Torch-Pruning group, in model order."""
-    graph = surgery.build_dependency_graph(model, TRACE_IMGSZ)
-    roots = set(surgery.prunable_groups(model, graph))
-    return [name for name, _ in model.named_modules() if name in roots]
-
-
-def cached_group_roots(trained_pt: str | Path) -> list[str]:
-    """`group_roots` of a checkpoint, computed once per process and checkpoint version."""
-    path = Path(trained_pt).resolve()
-    stat = path.stat()
-    return _roots_cached(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=2)
-def _roots_cached(pt_path: str, mtime_ns: int, size: int) -> list[str]:
-    model, _ = _load_cached(pt_path, mtime_ns, size)
-    return group_roots(copy.deepcopy(model))
-
-
-def list_groups(trained_pt: str | Path, granularity: str = "layer") -> list[str]:
-    """Stable ids of the pruning units of a trained checkpoint, in model order (see the module docstring)."""
-    if not Path(trained_pt).is_file():
-        raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
-    units: list[str] = []
-    for root in cached_group_roots(trained_pt):
-        unit = unit_of(root, granularity)
-        if unit not in units:
-            units.append(unit)
-    return units
-
-
-def prune_units(model, ratios: dict[str, float], initial_channels: dict[str, int] | None = None,
-                roots: list[str] | None = None) -> int:
-    """Prune `model` in place: each group inside a unit of `ratios` keeps round(initial * (1 - ratio)) channels.
-
-    `initial_channels` (root name -> channels before any pruning) lets iterative pruning aim at a fraction of the
-    original width; by default the current width is the reference. Returns the number of channels removed.
-    `roots` (from `group_roots`) saves listing the groups again, the slow part of it. Raises KeyError for a unit
-    that matches no prunable group.
-    """
-    graph = surgery.build_dependency_graph(model, TRACE_IMGSZ)
-    if roots is None:
-        roots = list(surgery.prunable_groups(model, graph))
-    modules = dict(model.named_modules())
-    removed = 0
-    for unit, ratio in ratios.items():
-        members = [root for root in roots if in_unit(root, unit)]
-        if not members:
-            raise KeyError(f"pruning unit {unit!r} matches no prunable group of this model")
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"pruning unit {unit!r}: ratio {ratio} is outside [0, 1)")
-        for root in members:
-            reference = (initial_channels or {}).get(root, modules[root].out_channels)
-            keep = max(1, round(reference * (1.0 - ratio)))
-            removed += surgery.prune_group(model, graph, root, keep)
-    return removed
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
 def _evaluate_model(model, ckpt: dict, data_yaml, params: Params) -> dict:
-    from pipeline.evaluate import evaluate
+    # The evaluator's accuracy alone: `evaluate` would load the checkpoint a second time to count parameters
+    # and FLOPs, which the caller already has (count_params_macs).
+    from pipeline.evaluate import accuracy
 
     prepare_ultralytics()
     with tempfile.TemporaryDirectory(prefix="sensitivity-") as tmp:
         pt = surgery.save_checkpoint(model, Path(tmp) / "candidate.pt", ckpt)
-        return evaluate(pt, data_yaml, params, max_images=params.sensitivity.val_images, latency=False)
+        return accuracy(pt, Path(data_yaml), params, max_images=params.sensitivity.val_images)
 
 
 def evaluate_baseline(trained_pt: str | Path, data_yaml: str | Path, params: Params) -> dict:
@@ -168,7 +73,7 @@ def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params
     `run_sensitivity`, which knows the baseline.
     """
     model, ckpt = load_model(trained_pt)
-    removed = prune_units(model, {group: float(ratio)}, roots=cached_group_roots(trained_pt))
+    removed = prune_units(model, {group: float(ratio)}, groups=cached_channel_groups(trained_pt))
     params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
     metrics = _evaluate_model(model, ckpt, data_yaml, params)
     return {"group": group, "ratio": float(ratio), "map50_95": metrics["map50_95"], "map50": metrics["map50"],
@@ -351,7 +256,7 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
 def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[int, int]]:
     def measure(ratios: dict[str, float]) -> tuple[int, int]:
         model, _ = load_model(trained_pt)
-        prune_units(model, ratios, roots=cached_group_roots(trained_pt))
+        prune_units(model, ratios, groups=cached_channel_groups(trained_pt))
         return surgery.count_params_macs(model, imgsz)
 
     return measure
@@ -391,9 +296,14 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
                      "granularity": granularity, "params": baseline["params"], "macs": baseline["macs"],
                      "imgsz": params.train.imgsz}
     plan["val_images"] = params.sensitivity.val_images
+    skipped, kept = skipped_units(trained_pt, granularity), kept_whole(trained_pt)
+    plan["skipped_units"], plan["kept_whole"] = skipped, kept
+    plan["reparam"] = reparam.checkpoint_report(trained_pt, params.train.imgsz)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_rows_csv(rows, out_dir / "sensitivity.csv")
+    # Units not measured, and convs kept whole inside measured units, get one row each with the reason.
+    notes = [{"group": name, "skipped": reason} for name, reason in {**skipped, **kept}.items()]
+    write_rows_csv(rows + notes, out_dir / "sensitivity.csv")
     write_curves_csv(rows, out_dir / "curves.csv")
     write_json(out_dir / "sensitivity.json", rows)  # a plain list of records: what `dvc plots` reads
     plot_sensitivity(rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")

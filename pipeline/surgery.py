@@ -1,33 +1,57 @@
-"""Model surgery that makes an Ultralytics YOLO detector prunable with Torch-Pruning, and the helpers the
-sensitivity and prune stages share.
+"""Model surgery that makes an Ultralytics YOLO detector prunable with Torch-Pruning, the dependency graph,
+and the channel groups the sensitivity and prune stages work on. Covers the v5u, v8, v9, 11 and 26 families.
 
-Why surgery is needed: Ultralytics' C2f block computes `cv1(x).chunk(2, 1)`, one convolution whose output is
-split in two halves that go different ways (one straight into the final concat, one through the bottlenecks).
-Torch-Pruning's dependency graph cannot follow that split, so `C2f` is rewritten as `C2fSplit`: two
-convolutions, each producing one of the halves. The rewrite is exact (the two convolutions hold the two halves
-of the original weights and BatchNorm statistics), so outputs match the original to float rounding.
+Why surgery is needed: several Ultralytics blocks split one tensor's channels with `chunk`/`split` and send
+the halves different ways. Torch-Pruning's split handling assumes the halves keep their sizes and pairs them
+with consumers in tracing order, not in split order (YOLOv9's RepNCSPELAN4 failed with an IndexError that
+way), and the block's own `chunk(2, 1)` would cut a pruned tensor in the wrong place anyway. So each such
+block is rewritten into an exact equivalent without channel splits (outputs equal to float rounding):
 
-`C2fSplit` must stay importable as `pipeline.surgery.C2fSplit`: pruned checkpoints pickle the module class by
-its import path, so `YOLO("pruned.pt")` needs `pipeline` on the Python path.
+  C2f, C3k2 (v8, 11, 26)          cv1(x).chunk(2)      -> C2fSplit: two convs, one per half
+  RepNCSPELAN4, ELAN1 (v9)         cv1(x).chunk(2)      -> ELANSplit: two convs, one per half
+  C2PSA (11, 26)                   cv1(x).split(c, c)   -> C2PSASplit: two convs, one per half
+  ADown (v9c, v9e)                 x.chunk(2) (input)   -> ADownSplit: two slices sized by the convs reading them
+
+C3 (v5u), SPPF, SPPELAN, AConv, Bottleneck and the Detect heads have no split and need no rewrite.
+RepConv (v9) is fused into one conv first (pipeline/reparam.py).
+
+Multi-head attention (`Attention` in C2PSA and in YOLO26's attention C3k2) views its qkv conv's output as
+heads x (query, key, value) and multiplies tensors; Torch-Pruning traces those reshapes and matmuls as if
+they kept channels, and its index mapping through them grew without bound (yolo11n's dependency graph did
+not finish listing its groups in 10 minutes). While the graph is traced, each attention runs as one opaque
+operation (`traceable`), registered with a pruner that refuses to prune: the attention's channels, and
+every channel tied to them (the residual stream around it), are left whole, and its convs stay out of the
+graph. The rest of those blocks (their feed-forward convs, the other half of C2PSA) stays prunable.
+
+The classes here must stay importable as `pipeline.surgery.*`: pruned checkpoints pickle the module classes
+by their import path, so `YOLO("pruned.pt")` needs `pipeline` on the Python path.
 
 A "group" is one set of channels Torch-Pruning must remove together (a convolution's outputs plus every layer
-that consumes or is added to them). It is named by its root convolution's module name in the rewritten model,
-e.g. "model.2.cv1_b.conv"; names are stable for a given model YAML/scale.
+that consumes or is added to them). It is named by the convolution that produces those channels: the first,
+in model order, of the group's non-depthwise convolutions whose outputs are removed, e.g.
+"model.2.cv1_b.conv"; names are stable for a given model YAML/scale.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline.io import atomic_write
 
 # Ultralytics attributes every layer of a DetectionModel carries (input index, layer index, type name, params):
 # `_predict_once` routes tensors with `f` and `i`, so a replacement layer must keep them.
 _LAYER_ATTRS = ("f", "i", "type", "np")
+# Detect's per-scale branches (one-to-many, and YOLO26's one-to-one twins).
+HEAD_BRANCHES = ("cv2", "cv3", "one2one_cv2", "one2one_cv3")
+
+
+# ---------------------------------------------------------------------------------------- split-free blocks
 
 
 class C2fSplit(nn.Module):
@@ -50,6 +74,56 @@ class C2fSplit(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
+class ELANSplit(nn.Module):
+    """RepNCSPELAN4 / ELAN1 (YOLOv9) with `cv1` split into `cv1_a` and `cv1_b`; `cv2`, `cv3`, `cv4` as before."""
+
+    def __init__(self, cv1_a: nn.Module, cv1_b: nn.Module, cv2: nn.Module, cv3: nn.Module, cv4: nn.Module):
+        super().__init__()
+        self.cv1_a = cv1_a
+        self.cv1_b = cv1_b
+        self.cv2 = cv2
+        self.cv3 = cv3
+        self.cv4 = cv4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1_a(x), self.cv1_b(x)]
+        y.append(self.cv2(y[-1]))
+        y.append(self.cv3(y[-1]))
+        return self.cv4(torch.cat(y, 1))
+
+
+class C2PSASplit(nn.Module):
+    """C2PSA (YOLO11, YOLO26) with `cv1` split: `cv1_a` passes straight to the concat, `cv1_b` feeds the
+    attention blocks `m`."""
+
+    def __init__(self, cv1_a: nn.Module, cv1_b: nn.Module, cv2: nn.Module, m: nn.Sequential):
+        super().__init__()
+        self.cv1_a = cv1_a
+        self.cv1_b = cv1_b
+        self.cv2 = cv2
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.cv1_a(x), self.m(self.cv1_b(x))), 1))
+
+
+class ADownSplit(nn.Module):
+    """ADown (YOLOv9 c/e) with its input halves taken as two slices whose sizes are the input widths of the
+    convs that read them, so they follow pruning (Torch-Pruning maps channels through a slice exactly)."""
+
+    def __init__(self, cv1: nn.Module, cv2: nn.Module):
+        super().__init__()
+        self.cv1 = cv1
+        self.cv2 = cv2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.avg_pool2d(x, 2, 1, 0, False, True)
+        first = self.cv1.conv.in_channels
+        x1 = self.cv1(x[:, :first])
+        x2 = self.cv2(F.max_pool2d(x[:, first:], 3, 2, 1))
+        return torch.cat((x1, x2), 1)
+
+
 def _slice_conv(conv_module: nn.Module, start: int, stop: int) -> nn.Module:
     """Copy of an Ultralytics `Conv` (conv + bn + act) keeping only output channels [start, stop)."""
     part = copy.deepcopy(conv_module)
@@ -68,38 +142,74 @@ def _slice_conv(conv_module: nn.Module, start: int, stop: int) -> nn.Module:
     return part
 
 
-def split_c2f(block: nn.Module) -> C2fSplit:
-    """Build the exact two-convolution equivalent of one C2f block."""
-    half = block.c
+def _halves(block: nn.Module, half: int) -> tuple[nn.Module, nn.Module]:
     total = block.cv1.conv.out_channels
     if total != 2 * half:
-        raise ValueError(f"C2f block has cv1 with {total} outputs, expected 2 x {half}: already pruned or not a C2f")
-    new = C2fSplit(_slice_conv(block.cv1, 0, half), _slice_conv(block.cv1, half, total), block.cv2, block.m)
+        raise ValueError(f"{type(block).__name__} block has cv1 with {total} outputs, expected 2 x {half}: "
+                         "already pruned, or not the Ultralytics block")
+    return _slice_conv(block.cv1, 0, half), _slice_conv(block.cv1, half, total)
+
+
+def _keep_layer_attrs(old: nn.Module, new: nn.Module) -> nn.Module:
     for attr in _LAYER_ATTRS:
-        if hasattr(block, attr):
-            setattr(new, attr, getattr(block, attr))
-    new.train(block.training)
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    new.train(old.training)
     return new
 
 
-def rewrite_c2f(model: nn.Module) -> int:
-    """Replace every C2f (and subclasses such as C3k2) inside `model` in place; return how many were replaced."""
-    from ultralytics.nn.modules.block import C2f
+def split_c2f(block: nn.Module) -> C2fSplit:
+    """The exact two-convolution equivalent of one C2f (or C3k2) block."""
+    return _keep_layer_attrs(block, C2fSplit(*_halves(block, block.c), block.cv2, block.m))
 
+
+def split_elan(block: nn.Module) -> ELANSplit:
+    """The exact split equivalent of one RepNCSPELAN4 (or ELAN1) block."""
+    return _keep_layer_attrs(block, ELANSplit(*_halves(block, block.c), block.cv2, block.cv3, block.cv4))
+
+
+def split_c2psa(block: nn.Module) -> C2PSASplit:
+    """The exact split equivalent of one C2PSA block."""
+    return _keep_layer_attrs(block, C2PSASplit(*_halves(block, block.c), block.cv2, block.m))
+
+
+def split_adown(block: nn.Module) -> ADownSplit:
+    """The exact slicing equivalent of one ADown block."""
+    return _keep_layer_attrs(block, ADownSplit(block.cv1, block.cv2))
+
+
+def _rewrites() -> list[tuple[type, object]]:
+    from ultralytics.nn.modules.block import ADown, C2f, C2PSA, RepNCSPELAN4
+
+    # Subclasses are covered: C3k2 is a C2f, ELAN1 a RepNCSPELAN4. C2fPSA (a C2f) is not in these families.
+    return [(C2f, split_c2f), (RepNCSPELAN4, split_elan), (C2PSA, split_c2psa), (ADown, split_adown)]
+
+
+def rewrite_blocks(model: nn.Module) -> int:
+    """Replace every block that splits channels (see the module docstring) inside `model` in place; return
+    how many were replaced."""
+    rewrites = _rewrites()
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, C2f):
-                setattr(parent, name, split_c2f(child))
-                replaced += 1
+            for block_type, rewrite in rewrites:
+                if isinstance(child, block_type):
+                    setattr(parent, name, rewrite(child))
+                    replaced += 1
+                    break
     return replaced
 
 
-def load_detection_model(pt_path: str | Path) -> tuple[nn.Module, dict]:
-    """Load an Ultralytics checkpoint as an FP32 model on CPU in eval mode, C2f blocks rewritten.
+rewrite_c2f = rewrite_blocks  # the name tests/test_int8.py imports
 
-    Returns (model, checkpoint dict). Raises FileNotFoundError/ValueError naming the file on bad input.
-    """
+
+def load_raw_model(pt_path: str | Path) -> nn.Module:
+    """An Ultralytics checkpoint's model as saved, FP32 on CPU in eval mode, gradients on.
+    Raises FileNotFoundError/ValueError naming the file on bad input."""
+    return _load(pt_path)[0]
+
+
+def _load(pt_path: str | Path) -> tuple[nn.Module, dict]:
     from ultralytics.nn.tasks import DetectionModel, load_checkpoint
 
     pt_path = Path(pt_path)
@@ -114,8 +224,24 @@ def load_detection_model(pt_path: str | Path) -> tuple[nn.Module, dict]:
     model = model.float().eval()
     for p in model.parameters():
         p.requires_grad_(True)  # stripped checkpoints freeze everything; pruning and training need gradients on
-    rewrite_c2f(model)
     return model, ckpt
+
+
+def load_detection_model(pt_path: str | Path) -> tuple[nn.Module, dict]:
+    """Load an Ultralytics checkpoint as an FP32 model on CPU in eval mode, re-parameterized (pipeline/reparam.py)
+    and with its split blocks rewritten: the form every stage after training works on.
+
+    Returns (model, checkpoint dict). Raises FileNotFoundError/ValueError naming the file on bad input.
+    """
+    from pipeline.reparam import reparameterize
+
+    model, ckpt = _load(pt_path)
+    reparameterize(model)
+    rewrite_blocks(model)
+    return model, ckpt
+
+
+# ------------------------------------------------------------------------------------------ dependency graph
 
 
 def ignored_head_layers(model: nn.Module) -> list[nn.Module]:
@@ -128,7 +254,7 @@ def ignored_head_layers(model: nn.Module) -> list[nn.Module]:
     ignored: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, Detect):
-            for head_name in ("cv2", "cv3", "one2one_cv2", "one2one_cv3"):
+            for head_name in HEAD_BRANCHES:
                 head = getattr(m, head_name, None)
                 if head is not None:
                     ignored.extend(branch[-1] for branch in head)
@@ -136,49 +262,160 @@ def ignored_head_layers(model: nn.Module) -> list[nn.Module]:
     return ignored
 
 
-def _first_tensor(output):
-    # Detect returns (decoded predictions, raw dict) in eval mode; tracing only needs the decoded tensor.
-    return output[0] if isinstance(output, (tuple, list)) else output
+def opaque_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules traced as one operation whose channels are never pruned: multi-head attention."""
+    from ultralytics.nn.modules.block import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+class _Opaque(torch.autograd.Function):
+    """Runs a module's forward as one autograd node, so the tracer sees its input and output, nothing inside.
+    Only used while the dependency graph is traced; nothing ever back-propagates through it."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        return module.__class__.forward(module, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("surgery._Opaque is for dependency-graph tracing only")
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module):
+    """Within this block the model's attention modules run as opaque operations (see the module docstring)."""
+    patched = opaque_modules(model)
+    for m in patched:
+        m.forward = lambda x, m=m: _Opaque.apply(x, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _kept_whole_pruner():
+    """Torch-Pruning pruner for opaque modules: reports their width, ties input and output channels (the
+    residual stream around an attention is one set of channels), and refuses to prune."""
+    import torch_pruning as tp
+
+    class KeptWhole(tp.pruner.BasePruningFunc):
+        def prune_out_channels(self, layer, idxs):
+            raise RuntimeError(f"{type(layer).__name__} is kept whole and must not be pruned")
+
+        prune_in_channels = prune_out_channels  # one channel set: in and out are pruned together or not at all
+
+        def get_out_channels(self, layer):
+            return layer.proj.conv.out_channels
+
+        def get_in_channels(self, layer):
+            return layer.qkv.conv.in_channels
+
+    return KeptWhole()
+
+
+def head_outputs(output) -> list[torch.Tensor]:
+    """The raw box and class tensors of every Detect branch in an eval-mode output `(decoded, raw)`.
+
+    Tracing the decoded predictions would miss YOLO26's one-to-many branches (its end-to-end output only
+    uses the one-to-one twins, which then lose their inputs' channels unnoticed) and trace top-k/gather as
+    if they kept channels.
+    """
+    raw = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else output
+    found: list[torch.Tensor] = []
+
+    def collect(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in ("boxes", "scores") and isinstance(item, torch.Tensor):
+                    found.append(item)
+                elif isinstance(item, dict):
+                    collect(item)
+
+    collect(raw)
+    if not found:  # not a Detect output: trace whatever tensor comes first
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        found = [first]
+    return found
+
+
+def pruner_setup(model: nn.Module, imgsz: int) -> dict:
+    """Keyword arguments every Torch-Pruning graph of `model` is built with (DependencyGraph.build_dependency
+    and the pruners take the same names). Build it inside `traceable(model)`."""
+    from ultralytics.nn.modules.block import Attention
+
+    return {"example_inputs": torch.randn(1, 3, imgsz, imgsz), "output_transform": head_outputs,
+            "customized_pruners": {Attention: _kept_whole_pruner()}}
 
 
 def build_dependency_graph(model: nn.Module, imgsz: int):
     """Torch-Pruning dependency graph of `model` traced with one imgsz x imgsz image."""
     import torch_pruning as tp
 
-    example = torch.randn(1, 3, imgsz, imgsz)
     was_training = model.training
     model.eval()
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=_first_tensor)
+    with traceable(model):
+        graph = tp.DependencyGraph().build_dependency(model, verbose=False, **pruner_setup(model, imgsz))
     model.train(was_training)
     return graph
 
 
+def _out_members(graph, group) -> list[nn.Module]:
+    """Modules whose output channels the group removes."""
+    return [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def out_conv_names(model: nn.Module, graph, group) -> list[str]:
+    """Names of the convs whose output channels `group` removes, in model order."""
+    members = set(_out_members(graph, group))
+    return [name for name, m in model.named_modules() if m in members and isinstance(m, nn.Conv2d)]
+
+
+def classify_groups(model: nn.Module, graph) -> tuple[dict[str, object], dict[str, str]]:
+    """({group id: Torch-Pruning group} for every group that may be pruned, in model order,
+        {conv name: reason} for every conv whose output channels are kept whole, except Detect's outputs).
+
+    A group may not be pruned when it removes output channels of a Detect output conv or DFL (fixed by the
+    task) or of an opaque module (multi-head attention: its channels are laid out per head). The convs
+    inside an attention are not in the graph at all and are reported as kept whole too.
+    """
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    names = {m: name for name, m in model.named_modules()}
+    head_outputs_ = set(ignored_head_layers(model))
+    opaque = opaque_modules(model)
+    opaque_set = set(opaque)
+    prunable: dict[str, object] = {}
+    kept: dict[str, str] = {}
+    for group in graph.get_all_groups(ignored_layers=[], root_module_types=[nn.Conv2d]):
+        members = _out_members(graph, group)
+        convs = sorted((m for m in members if isinstance(m, nn.Conv2d) and m in order), key=order.get)
+        if any(m in head_outputs_ for m in members):
+            continue  # Detect's box/class outputs and DFL: fixed by the task, not worth a note
+        if any(m in opaque_set for m in members):
+            for conv in convs:
+                kept[names[conv]] = "residual stream of a multi-head attention block (channels laid out per head)"
+            continue
+        if not convs:
+            continue
+        producer = next((m for m in convs if not _is_depthwise(m)), convs[0])
+        prunable[names[producer]] = group
+    for block in opaque:
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Conv2d):
+                kept[f"{names[block]}.{name}"] = ("inside a multi-head attention (its qkv output is viewed as "
+                                                  "heads x query/key/value)")
+    ordered_kept = dict(sorted(kept.items(), key=lambda item: order[model.get_submodule(item[0])]))
+    return dict(sorted(prunable.items(), key=lambda item: order[model.get_submodule(item[0])])), ordered_kept
+
+
 def prunable_groups(model: nn.Module, graph) -> dict[str, object]:
-    """{group id: Torch-Pruning group} for every channel group whose root convolution may be pruned."""
-    module_names = {m: name for name, m in model.named_modules()}
-    groups = {}
-    for group in graph.get_all_groups(ignored_layers=ignored_head_layers(model), root_module_types=[nn.Conv2d]):
-        root = group[0][0].target.module
-        groups[module_names[root]] = group
-    return groups
-
-
-def prune_group(model: nn.Module, graph, group_id: str, keep: int) -> int:
-    """Prune the group rooted at `group_id` down to `keep` channels (lowest L2 magnitude first); return removed."""
-    import torch_pruning as tp
-
-    root = dict(model.named_modules()).get(group_id)
-    if root is None:
-        raise KeyError(f"group {group_id!r} is not a module of this model")
-    n_channels = root.out_channels
-    n_remove = n_channels - max(1, min(keep, n_channels))
-    if n_remove <= 0:
-        return 0
-    full_group = graph.get_pruning_group(root, tp.prune_conv_out_channels, list(range(n_channels)))
-    importance = tp.importance.GroupMagnitudeImportance(p=2)(full_group)
-    remove_idxs = torch.argsort(importance)[:n_remove].tolist()
-    graph.get_pruning_group(root, tp.prune_conv_out_channels, remove_idxs).prune()
-    return n_remove
+    """{group id: Torch-Pruning group} for every channel group that may be pruned, in model order."""
+    return classify_groups(model, graph)[0]
 
 
 def count_params_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:

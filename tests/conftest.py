@@ -54,14 +54,15 @@ def write_tiny_params(folder: Path, extra: dict | None = None) -> Path:
     return path
 
 
-def random_tiny_model(width: float = 0.125, depth: float = 0.33, nc: int = 4):
-    """An untrained scaled-down YOLOv8 with random BatchNorm statistics and affine terms: a fresh model's
-    near-constant outputs would hide wrong channel slices or quantization errors."""
+def random_tiny_model(width: float = 0.125, depth: float = 0.33, nc: int = 4, model_yaml: str = "yolov8n.yaml"):
+    """An untrained scaled-down YOLO (YOLOv8 unless `model_yaml` names another family) with random BatchNorm
+    statistics and affine terms: a fresh model's near-constant outputs would hide wrong channel slices or
+    quantization errors."""
     import torch
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
     torch.manual_seed(0)
-    cfg = yaml_model_load("yolov8n.yaml")
+    cfg = yaml_model_load(model_yaml)
     cfg["scales"] = {"n": [depth, width, 1024]}
     cfg["scale"] = "n"
     model = DetectionModel(cfg, nc=nc, verbose=False)
