@@ -1,0 +1,142 @@
+"""The family table: each YOLO family at its smallest scale through the whole pipeline on the same data, the
+FP32 ONNX export of the trained model against our final INT8 model.
+
+`bench_families(params_file, models)` runs `python -m pipeline run` once per model YAML, each in its own
+folder (its own outputs/ and registry) with `train.model` set to that YAML and everything else from the
+params file, then measures both ONNX models of every family with the shared evaluator and ONNX Runtime
+(`bench.measure`, the same measurement as the benchmark table) and writes bench/families.md and .json.
+A family whose run stops at a gate still gets a row: its FP32 column, and which gate stopped it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.io import read_json, write_json, write_text
+from pipeline.params import Params, load_params
+
+# The smallest scale of every supported family (`n`, or `t` for YOLOv9).
+FAMILIES = {"yolov5n.yaml": "YOLOv5u", "yolov8n.yaml": "YOLOv8", "yolov9t.yaml": "YOLOv9",
+            "yolo11n.yaml": "YOLO11", "yolo26n.yaml": "YOLO26"}
+STAGE_ORDER = ["validate", "train", "sensitivity", "prune", "qat", "export", "gate"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_family(model_yaml: str, params_file: Path, data_yaml: Path, workdir: Path) -> dict:
+    """`python -m pipeline run` for one model YAML in `workdir` (outputs/ and a local registry there); returns
+    {"returncode", "seconds", "log"}.
+
+    A separate process per family: each run starts from a clean torch/Ultralytics state, and a family that
+    fails leaves the others running."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    with open(workdir / "run.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--params", str(params_file.resolve()),
+                               "--data", str(data_yaml.resolve()), "--set", f"train.model={model_yaml}",
+                               "--set", "registry.uri=registry"],  # each family its own local registry
+                              cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
+            "log": str(workdir / "run.log")}
+
+
+def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
+    """(what the pipeline did to the model, in order; the gate that stopped it or None) from a run's outputs."""
+    applied: list[str] = []
+    plan = outputs / "sensitivity" / "plan.json"
+    if plan.is_file():
+        fused = (read_json(plan).get("reparam") or {}).get("blocks_fused", 0)
+        if fused:
+            applied.append(f"re-parameterized ({fused} RepConv)")
+    prune = outputs / "prune" / "metrics.json"
+    if prune.is_file():
+        m = read_json(prune)
+        applied.append(f"pruned (-{m['params_reduction']:.0%} params, -{m['macs_reduction']:.0%} MACs)")
+    qat = outputs / "qat" / "metrics.json"
+    if qat.is_file():
+        m = read_json(qat)
+        applied.append(f"{m['chosen']} ({m['integer_convs']} integer convs, {m['float_convs']} float)")
+    stopped = None
+    for stage in STAGE_ORDER:
+        gate = outputs / stage / ("report.json" if stage == "gate" else "gate.json")
+        if gate.is_file() and not read_json(gate)["passed"]:
+            failed = [c["gate"] for c in read_json(gate)["checks"] if not c["passed"]]
+            stopped = f"{stage} gate failed: {', '.join(failed)}"
+            break
+    return applied, stopped
+
+
+def family_row(model_yaml: str, workdir: Path, data_yaml: Path, params: Params, runs: int) -> dict:
+    """One table row: the trained model's FP32 ONNX and the final INT8 ONNX, measured alike."""
+    from pipeline.bench import measure
+    from pipeline.evaluate import export_fp32_onnx
+
+    outputs = workdir / "outputs"
+    trained = outputs / "train" / "best.pt"
+    final = outputs / "export" / "model.onnx"
+    applied, stopped = stages_applied(outputs)
+    row = {"family": FAMILIES.get(model_yaml, model_yaml), "model": model_yaml, "fp32": None, "int8": None,
+           "stages": applied, "stopped": stopped}
+    if trained.is_file():
+        with tempfile.TemporaryDirectory(prefix="families-") as tmp:
+            fp32 = export_fp32_onnx(trained, Path(tmp) / "fp32.onnx", params.train.imgsz, params.export.opset,
+                                    params.export.simplify)
+            row["fp32"] = measure("FP32 ONNX", fp32, trained, data_yaml, params, runs)
+    if final.is_file() and not stopped:
+        row["int8"] = measure("final INT8", final, outputs / "prune" / "best.pt", data_yaml, params, runs)
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cells(m: dict | None) -> tuple[str, str, str]:
+        if m is None:
+            return "–", "–", "–"
+        return f"{m['file_mb']:.2f}", f"{m['map50_95']:.3f}", f"{m['ms_1_thread']:.2f} / {m['ms_2_threads']:.2f}"
+
+    lines = ["| family | model | FP32 MB | INT8 MB | FP32 mAP50-95 | INT8 mAP50-95 | FP32 ms (1 / 2 threads) | "
+             "INT8 ms (1 / 2 threads) | stages applied |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        (fp32_mb, fp32_map, fp32_ms), (int8_mb, int8_map, int8_ms) = cells(r["fp32"]), cells(r["int8"])
+        stages = "; ".join(r["stages"]) + (f"; stopped: {r['stopped']}" if r["stopped"] else "")
+        lines.append(f"| {r['family']} | {r['model']} | {fp32_mb} | {int8_mb} | {fp32_map} | {int8_map} | "
+                     f"{fp32_ms} | {int8_ms} | {stages or '–'} |")
+    return "\n".join(lines)
+
+
+def bench_families(params_file: str | Path, models: list[str] | None = None, data_yaml: str | Path | None = None,
+                   work_root: str | Path = Path("bench/families"), out_dir: str | Path = Path("bench/results"),
+                   runs: int = 50) -> dict:
+    """Run the pipeline for every model YAML in `models` (default: FAMILIES) and write
+    out_dir/families.md and families.json. `data_yaml` defaults to the params file's dataset (the demo data is
+    generated once, shared by every family). Returns {"rows", "markdown"}."""
+    from pipeline.stages import data_yaml as stage_data_yaml
+
+    params_file, work_root, out_dir = Path(params_file), Path(work_root), Path(out_dir)
+    params = load_params(params_file)
+    data_yaml = Path(data_yaml) if data_yaml else stage_data_yaml(params)
+    models = list(models or FAMILIES)
+    rows = []
+    for model_yaml in models:
+        workdir = work_root / Path(model_yaml).stem
+        run = run_family(model_yaml, params_file, data_yaml, workdir)
+        row = family_row(model_yaml, workdir, data_yaml, params, runs)
+        row["run"] = run
+        if run["returncode"] != 0 and not row["stopped"]:
+            row["stopped"] = f"pipeline failed (exit {run['returncode']}), see {run['log']}"
+        rows.append(row)
+    import onnxruntime
+
+    from pipeline.bench import _cpu_count, _cpu_model
+
+    header = (f"Families {time.strftime('%Y-%m-%d')} on {_cpu_model()}, {_cpu_count()} cores; ONNX Runtime "
+              f"{onnxruntime.__version__} CPU, batch 1, median of {runs}; data {data_yaml}; imgsz "
+              f"{params.train.imgsz}; every family trained, pruned and quantized with the same params.")
+    text = "\n".join([header, "", markdown_table(rows)]) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "families.md", text)
+    write_json(out_dir / "families.json", {"rows": rows, "header": header})
+    return {"rows": rows, "markdown": text}
