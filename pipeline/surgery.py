@@ -11,8 +11,10 @@ block is rewritten into an exact equivalent without channel splits (outputs equa
   RepNCSPELAN4, ELAN1 (v9)         cv1(x).chunk(2)      -> ELANSplit: two convs, one per half
   C2PSA (11, 26)                   cv1(x).split(c, c)   -> C2PSASplit: two convs, one per half
   ADown (v9c, v9e)                 x.chunk(2) (input)   -> ADownSplit: two slices sized by the convs reading them
+  C2 (v8-p6)                       cv1(x).chunk(2)      -> C2Split: two convs, one per half
+  CBLinear (v9e)                   conv(x).split(sizes) -> CBLinearSplit: one conv per output
 
-C3 (v5u), SPPF, SPPELAN, AConv, Bottleneck and the Detect heads have no split and need no rewrite.
+C3 (v5u), SPPF, SPPELAN, AConv, CBFuse, Bottleneck and the Detect heads have no split and need no rewrite.
 RepConv (v9) is fused into one conv first (pipeline/reparam.py).
 
 Multi-head attention (`Attention` in C2PSA and in YOLO26's attention C3k2) views its qkv conv's output as
@@ -74,6 +76,20 @@ class C2fSplit(nn.Module):
         return self.cv2(torch.cat(y, 1))
 
 
+class C2Split(nn.Module):
+    """C2 (YOLOv8-p6's neck) with `cv1` split: `cv1_a` feeds the bottlenecks `m`, `cv1_b` goes to the concat."""
+
+    def __init__(self, cv1_a: nn.Module, cv1_b: nn.Module, cv2: nn.Module, m: nn.Sequential):
+        super().__init__()
+        self.cv1_a = cv1_a
+        self.cv1_b = cv1_b
+        self.cv2 = cv2
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv2(torch.cat((self.m(self.cv1_a(x)), self.cv1_b(x)), 1))
+
+
 class ELANSplit(nn.Module):
     """RepNCSPELAN4 / ELAN1 (YOLOv9) with `cv1` split into `cv1_a` and `cv1_b`; `cv2`, `cv3`, `cv4` as before."""
 
@@ -124,14 +140,31 @@ class ADownSplit(nn.Module):
         return torch.cat((x1, x2), 1)
 
 
+class CBLinearSplit(nn.Module):
+    """CBLinear (YOLOv9-e's auxiliary branches) with its one conv split into one conv per output."""
+
+    def __init__(self, convs: nn.ModuleList):
+        super().__init__()
+        self.convs = convs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(conv(x) for conv in self.convs)
+
+
+def _slice_conv2d(conv: nn.Conv2d, start: int, stop: int) -> nn.Conv2d:
+    """Copy of a plain conv keeping only output channels [start, stop)."""
+    part = copy.deepcopy(conv)
+    part.weight = nn.Parameter(conv.weight.data[start:stop].clone())
+    if conv.bias is not None:  # fused models carry the BatchNorm in the conv bias
+        part.bias = nn.Parameter(conv.bias.data[start:stop].clone())
+    part.out_channels = stop - start
+    return part
+
+
 def _slice_conv(conv_module: nn.Module, start: int, stop: int) -> nn.Module:
     """Copy of an Ultralytics `Conv` (conv + bn + act) keeping only output channels [start, stop)."""
     part = copy.deepcopy(conv_module)
-    conv = part.conv
-    conv.weight = nn.Parameter(conv.weight.data[start:stop].clone())
-    if conv.bias is not None:  # fused models carry the BatchNorm in the conv bias
-        conv.bias = nn.Parameter(conv.bias.data[start:stop].clone())
-    conv.out_channels = stop - start
+    part.conv = _slice_conv2d(conv_module.conv, start, stop)
     bn = getattr(part, "bn", None)
     if isinstance(bn, nn.BatchNorm2d):
         bn.weight = nn.Parameter(bn.weight.data[start:stop].clone())
@@ -163,6 +196,22 @@ def split_c2f(block: nn.Module) -> C2fSplit:
     return _keep_layer_attrs(block, C2fSplit(*_halves(block, block.c), block.cv2, block.m))
 
 
+def split_c2(block: nn.Module) -> C2Split:
+    """The exact split equivalent of one C2 block."""
+    return _keep_layer_attrs(block, C2Split(*_halves(block, block.c), block.cv2, block.m))
+
+
+def split_cblinear(block: nn.Module) -> CBLinearSplit:
+    """The exact one-conv-per-output equivalent of one CBLinear block."""
+    bounds = [0]
+    for size in block.c2s:
+        bounds.append(bounds[-1] + size)
+    if bounds[-1] != block.conv.out_channels:
+        raise ValueError(f"CBLinear block has {block.conv.out_channels} outputs, expected {bounds[-1]}: already pruned?")
+    convs = nn.ModuleList(_slice_conv2d(block.conv, a, b) for a, b in zip(bounds, bounds[1:]))
+    return _keep_layer_attrs(block, CBLinearSplit(convs))
+
+
 def split_elan(block: nn.Module) -> ELANSplit:
     """The exact split equivalent of one RepNCSPELAN4 (or ELAN1) block."""
     return _keep_layer_attrs(block, ELANSplit(*_halves(block, block.c), block.cv2, block.cv3, block.cv4))
@@ -179,10 +228,11 @@ def split_adown(block: nn.Module) -> ADownSplit:
 
 
 def _rewrites() -> list[tuple[type, object]]:
-    from ultralytics.nn.modules.block import ADown, C2f, C2PSA, RepNCSPELAN4
+    from ultralytics.nn.modules.block import ADown, C2, C2f, C2PSA, CBLinear, RepNCSPELAN4
 
     # Subclasses are covered: C3k2 is a C2f, ELAN1 a RepNCSPELAN4. C2fPSA (a C2f) is not in these families.
-    return [(C2f, split_c2f), (RepNCSPELAN4, split_elan), (C2PSA, split_c2psa), (ADown, split_adown)]
+    return [(C2f, split_c2f), (C2, split_c2), (RepNCSPELAN4, split_elan), (C2PSA, split_c2psa),
+            (ADown, split_adown), (CBLinear, split_cblinear)]
 
 
 def rewrite_blocks(model: nn.Module) -> int:

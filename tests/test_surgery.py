@@ -57,6 +57,23 @@ def test_adown_rewrite_preserves_outputs_and_follows_pruning():
         assert split(torch.rand(1, 13, 20, 20)).shape == (1, 32, 10, 10)
 
 
+def test_c2_and_cblinear_rewrites_preserve_outputs():
+    """C2 (YOLOv8-p6) and CBLinear (YOLOv9-e) split one conv's outputs; the rewrites give each part its conv."""
+    from ultralytics.nn.modules.block import C2, CBLinear
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 16, 12, 12)
+    c2 = C2(16, 24, n=2).eval()
+    for bn in (m for m in c2.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+    cblinear = CBLinear(16, [8, 16, 32]).eval()
+    with torch.no_grad():
+        assert torch.allclose(c2(x), surgery.split_c2(copy.deepcopy(c2))(x), atol=1e-5)
+        for expected, got in zip(cblinear(x), surgery.split_cblinear(copy.deepcopy(cblinear))(x), strict=True):
+            assert torch.allclose(expected, got, atol=1e-6)
+
+
 @pytest.mark.parametrize("model_yaml", FAMILIES)
 def test_graph_groups_skip_fixed_channels(model_yaml):
     """(yolo11n/yolo26n once did not get through `classify_groups` in 10 minutes: Torch-Pruning traced
