@@ -325,7 +325,7 @@ class _Opaque(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module):
-        return module.__class__.forward(module, x)
+        return type(module).forward(module, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -335,14 +335,16 @@ class _Opaque(torch.autograd.Function):
 @contextlib.contextmanager
 def traceable(model: nn.Module):
     """Within this block the model's attention modules run as opaque operations (see the module docstring)."""
-    patched = opaque_modules(model)
+    patched = {m: m.__dict__.get("forward") for m in opaque_modules(model)}  # an instance-level forward, if any
     for m in patched:
         m.forward = lambda x, m=m: _Opaque.apply(x, m)
     try:
         yield
     finally:
-        for m in patched:
+        for m, own_forward in patched.items():
             del m.forward
+            if own_forward is not None:
+                m.forward = own_forward
 
 
 def _kept_whole_pruner():
@@ -368,9 +370,9 @@ def _kept_whole_pruner():
 def head_outputs(output) -> list[torch.Tensor]:
     """The raw box and class tensors of every Detect branch in an eval-mode output `(decoded, raw)`.
 
-    Tracing the decoded predictions would miss YOLO26's one-to-many branches (its end-to-end output only
-    uses the one-to-one twins, which then lose their inputs' channels unnoticed) and trace top-k/gather as
-    if they kept channels.
+    Tracing the decoded predictions would see only one of YOLO26's two heads (one-to-many or one-to-one,
+    whichever the model decodes with; the other would lose its inputs' channels unnoticed) and trace an
+    end-to-end head's top-k and gather as if they kept channels.
     """
     raw = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else output
     found: list[torch.Tensor] = []
@@ -390,9 +392,9 @@ def head_outputs(output) -> list[torch.Tensor]:
     return found
 
 
-def pruner_setup(model: nn.Module, imgsz: int) -> dict:
-    """Keyword arguments every Torch-Pruning graph of `model` is built with (DependencyGraph.build_dependency
-    and the pruners take the same names). Build it inside `traceable(model)`."""
+def pruner_setup(imgsz: int) -> dict:
+    """Keyword arguments every Torch-Pruning graph is built with (DependencyGraph.build_dependency and the
+    pruners take the same names). Build the graph inside `traceable(model)`."""
     from ultralytics.nn.modules.block import Attention
 
     return {"example_inputs": torch.randn(1, 3, imgsz, imgsz), "output_transform": head_outputs,
@@ -406,7 +408,7 @@ def build_dependency_graph(model: nn.Module, imgsz: int):
     was_training = model.training
     model.eval()
     with traceable(model):
-        graph = tp.DependencyGraph().build_dependency(model, verbose=False, **pruner_setup(model, imgsz))
+        graph = tp.DependencyGraph().build_dependency(model, verbose=False, **pruner_setup(imgsz))
     model.train(was_training)
     return graph
 

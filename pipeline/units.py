@@ -195,7 +195,7 @@ class UnitPruner:
                 pruning_ratio_dict={self.convs[root]: ratio for root, ratio in per_root.items()},
                 iterative_steps=steps,
                 ignored_layers=surgery.ignored_head_layers(model) + surgery.opaque_modules(model) + others,
-                root_module_types=[nn.Conv2d], **surgery.pruner_setup(model, imgsz))
+                root_module_types=[nn.Conv2d], **surgery.pruner_setup(imgsz))
         model.train(was_training)
 
     def widths(self) -> dict[str, int]:
