@@ -152,7 +152,25 @@ class Params(Section):
         return self.model_dump(by_alias=True, mode="json")
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return params_hash(self.as_dict())
+
+
+def params_hash(params_dict: dict, exclude_sections: tuple[str, ...] = ()) -> str:
+    """Short sha256 of a params dict (as `Params.as_dict()` gives), leaving out whole sections if asked."""
+    kept = {k: v for k, v in params_dict.items() if k not in exclude_sections}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; lists and empty dicts stay values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 class ParamsError(ValueError):

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,8 +40,10 @@ import torch.nn.functional as F
 
 from pipeline import gates, int8, surgery
 from pipeline.evaluate import evaluate, export_fp32_onnx, onnx_latency_ms
-from pipeline.io import write_json
+from pipeline.io import copy_file, read_json, write_json
 from pipeline.params import Params
+from pipeline.progress import Progress, epoch_details
+from pipeline.workspace import Workspace
 
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
 # Weights use ORT's reduced symmetric int8 range [-64, 64] (reduce_range=True): on x86 without VNNI,
@@ -268,7 +268,7 @@ def calibrate(model: nn.Module, calib_images: list[Path], imgsz: int) -> None:
     set_observers(model, False)
 
 
-def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> None:
+def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what: str = "") -> None:
     """QAT: params.qat.epochs of training with fake quantization on, Ultralytics' dataset and loss.
 
     Activation ranges follow the batches (EMA) in all but the last epoch and are frozen in the last one,
@@ -300,6 +300,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
     steps = epochs * len(loader)
     step = 0
     set_fake_quant(model, True)
+    progress = Progress(f"qat {what} epoch", epochs)
     for epoch in range(epochs):
         last = epoch == epochs - 1 and epochs > 1
         set_observers(model, not last, momentum=EMA_MOMENTUM)
@@ -319,6 +320,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
             step += 1
         log.append({"epoch": epoch + 1, "loss": total / max(len(loader), 1), "seconds": round(time.time() - start, 1),
                     "ranges_frozen": last})
+        progress.step(epoch_details(log[-1]["loss"], None, log[-1]["seconds"]))
     set_observers(model, False)
     model.criterion = None
     for p in model.parameters():
@@ -375,14 +377,27 @@ def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Para
     share_input_observers(model, map_convs_to_onnx(model, probe))
     calibrate(model, calib_images, params.train.imgsz)
     log: list = []
-    finetune(model, data_yaml, params, log)
+    finetune(model, data_yaml, params, log, what=activation)
 
-    suffix = "" if activation == "silu" else f"_{activation}"
-    torch_pt = save_checkpoint(model, out_dir / f"qat{suffix}_model.pt", base_ckpt,
+    torch_pt = save_checkpoint(model, out_dir / f"qat_{activation}_model.pt", base_ckpt,
                                qat={"activation": activation, "epochs": params.qat.epochs})
-    float_onnx = export_float_onnx(model, base_ckpt, work / f"qat{suffix}_fp32.onnx", params)
+    float_onnx = export_float_onnx(model, base_ckpt, work / f"qat_{activation}_fp32.onnx", params)
     qparams = activation_qparams(model, map_convs_to_onnx(model, float_onnx))
     return {"torch_pt": torch_pt, "float_onnx": float_onnx, "qparams": qparams, "log": log}
+
+
+def run(ws: Workspace) -> dict:
+    """Stage `qat`: INT8 candidates and the chosen model_int8.onnx in outputs/qat; registers it as `qat`."""
+    from pipeline.gates import publish
+
+    trained = read_json(ws.input("outputs/train/metrics.json"))
+    pruned = read_json(ws.input("outputs/prune/metrics.json"))
+    out_dir = ws.stage_dir()
+    metrics = run_qat(ws.input("outputs/prune/best.pt"), ws.data_yaml(), ws.params, out_dir, trained, pruned)
+    gate = publish(ws, files={"model_int8.onnx": out_dir / "model_int8.onnx"}, primary="model_int8.onnx",
+                   metrics=metrics, gates=ws.params.qat.gates, reference=trained,
+                   reference_latency_ms=metrics["reference_fp32_latency_ms"])
+    return {"metrics": metrics, "gate": gate}
 
 
 def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
@@ -390,8 +405,10 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     """Fine-tune with fake quantization, build every INT8 candidate, measure them, pick the gate winner.
 
     Writes out_dir/{qat_int8.onnx, qat_qsilu_int8.onnx, qat_relu_int8.onnx, ptq_int8.onnx} (as the
-    activation setting allows), qat_model.pt (fake-quant torch model for the parity check),
-    pruned_fp32.onnx (the reference), model_int8.onnx (chosen), candidates.json and metrics.json.
+    activation setting allows) and their torch twins qat_<activation>_model.pt, pruned_fp32.onnx (the
+    reference), model_int8.onnx (the chosen candidate), qat_model.pt (its torch twin: the fake-quant QAT
+    model export's parity check compares with; for a PTQ choice the pruned float model it quantized),
+    candidates.json and metrics.json.
     Returns the metrics.json content; "passed" is False (with reasons) when no candidate passes.
     """
 
@@ -459,10 +476,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         chosen = min(passing, key=lambda n: (candidates[n]["metrics"]["latency_ms"], -candidates[n]["metrics"]["map50_95"]))
     else:
         chosen = max(candidates, key=lambda n: candidates[n]["metrics"]["map50_95"])
-    model_int8 = out_dir / "model_int8.onnx"
-    tmp_copy = out_dir / ".model_int8.onnx.tmp"
-    shutil.copyfile(candidates[chosen]["path"], tmp_copy)
-    os.replace(tmp_copy, model_int8)
+    model_int8 = copy_file(candidates[chosen]["path"], out_dir / "model_int8.onnx")
+    copy_file(candidates[chosen]["qat_torch_pt"] or pruned_pt, out_dir / "qat_model.pt")
 
     write_json(out_dir / "candidates.json", {"reference_pruned_fp32": reference, "candidates": candidates})
     c = candidates[chosen]
@@ -472,8 +487,9 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "passed": c["passed"],
         "gate_failures": c["gate_failures"],
         "why_none_passed": None if passing else {n: cand["gate_failures"] for n, cand in candidates.items()},
-        "model_int8": str(model_int8),
-        "qat_torch_pt": c["qat_torch_pt"],
+        "model_int8": model_int8.name,
+        # qat_model.pt is the fake-quant twin of model_int8.onnx only when a QAT candidate was chosen
+        "qat_torch_pt": "qat_model.pt" if c["qat_torch_pt"] else None,
         "qat_torch_map50_95": c.get("qat_torch_map50_95"),  # square letterbox, as in export's parity check
         "parity": c.get("parity"),
         "trained_map50_95": trained_map,
