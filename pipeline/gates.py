@@ -111,6 +111,7 @@ def publish(ws: Workspace, *, files: dict[str, Path], primary: str, metrics: dic
 def run_acceptance(ws: Workspace) -> dict:
     """Stage `gate`: absolute thresholds, then champion/challenger against the current production model on the
     same val data; promotes the exported model to production when every check passes."""
+    from pipeline.control import best_float_model
     from pipeline.evaluate import evaluate
 
     g = ws.params.gate
@@ -124,8 +125,15 @@ def run_acceptance(ws: Workspace) -> dict:
     if metrics.get("file_bytes") != candidate.files[candidate.primary].bytes:
         raise StageInputMissing(f"{metrics_path} does not describe registry version {candidate_version}; "
                                 f"rerun `python -m pipeline export`")
+    # Accuracy is judged against the best float model of the run (the control, or the pruned FP32 model).
+    reference_name, reference = best_float_model({
+        "control": read_json(ws.input("outputs/control/metrics.json")),
+        "pruned": read_json(ws.input("outputs/prune/metrics.json"))})
     checks = check(metrics, StageGates(min_map50_95=g.min_map50_95, max_file_mb=g.max_file_mb,
-                                       max_latency_ms=g.max_latency_ms))
+                                       max_latency_ms=g.max_latency_ms, max_map_drop=g.max_map_drop), reference)
+    for row in checks:
+        if row["gate"] == "max_map_drop":
+            row["gate"] = f"max_map_drop_vs_{reference_name}"
     champion = registry.alias(ws.stage.alias)
     champion_metrics = None
     if champion is not None and champion != candidate_version:
@@ -138,6 +146,7 @@ def run_acceptance(ws: Workspace) -> dict:
                        "limit": round(floor, 6), "passed": metrics["map50_95"] >= floor})
     report = {"stage": "gate", "alias": ws.stage.alias, "version": candidate_version,
               "passed": all(c["passed"] for c in checks), "checks": checks,
+              "accuracy_reference": {"model": reference_name, "map50_95": reference["map50_95"]},
               "production_before": champion, "champion_metrics": champion_metrics, "candidate_metrics": metrics}
     write_json(ws.stage_dir() / "report.json", report)
     registry.set_alias("candidate", candidate_version, reason="acceptance gate evaluated")

@@ -70,7 +70,8 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
     return plan
 
 
-def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path):
+def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path,
+             what: str = "prune fine-tune"):
     """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
     back into it. Returns `model`.
 
@@ -89,7 +90,7 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
                      plots=False, amp=False, verbose=False, pretrained=False, val=True,
                      warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start
     trainer = DetectionTrainer(overrides=overrides)
-    log_ultralytics_epochs(trainer, f"prune {run_dir.name} fine-tune")
+    log_ultralytics_epochs(trainer, what)
     trainer.model = model.train()
     trainer.train()
     best = Path(trainer.best)
@@ -146,7 +147,8 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
             prune_units(model, step_ratios, initial_channels)
             if pp.epochs_per_step > 0:
-                finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt)
+                finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
+                         what=f"prune step {step}/{pp.steps} fine-tune")
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
             info = {"step": step, "of": pp.steps, "ratios": step_ratios}

@@ -35,6 +35,7 @@ class Stage:
     plots: tuple[str | tuple[str, dict], ...] = ()  # path, or (path, dvc plot options)
     uncached: tuple[str, ...] = ()  # other small outputs kept in git (reports)
     alias: str | None = None  # the registry alias it moves when its gates pass
+    parent: str | None = None  # the alias of the model its artifact is derived from (lineage)
     reads_data: bool = True  # depends on the dataset folder
     fans_out: bool = False  # its independent evaluations run as mapped tasks in the flow (`run(ws, map_fn)`)
 
@@ -58,6 +59,12 @@ STAGES: list[Stage] = [
           reads=("outputs/validate/summary.json",), outs=("outputs/train/best.pt",),
           metrics=("outputs/train/metrics.json", "outputs/train/gate.json"),
           plots=(("outputs/train/curves.csv", {"x": "epoch"}), "outputs/train/curves.png"), alias="trained"),
+    Stage("control", "pipeline.control:run",
+          "the fair FP32 baseline: the trained model fine-tuned as long as compression fine-tunes, nothing removed",
+          params=("data.yaml", "train", "evaluate", "export.opset", "control", "prune.steps", "prune.epochs_per_step",
+                  "qat.epochs"),
+          reads=("outputs/train/best.pt", "outputs/train/metrics.json"), outs=("outputs/control/best.pt",),
+          metrics=("outputs/control/metrics.json", "outputs/control/gate.json"), alias="control", parent="trained"),
     Stage("sensitivity", "pipeline.sensitivity:run",
           "prune each layer alone at each ratio, measure the mAP drop, write a pruning plan",
           params=("data.yaml", "train.imgsz", "evaluate", "sensitivity"),
@@ -72,26 +79,27 @@ STAGES: list[Stage] = [
           reads=("outputs/train/best.pt", "outputs/train/metrics.json", "outputs/sensitivity/plan.json"),
           outs=("outputs/prune/best.pt",),
           metrics=("outputs/prune/metrics.json", "outputs/prune/gate.json", "outputs/prune/steps.json"),
-          alias="pruned"),
+          alias="pruned", parent="trained"),
     Stage("qat", "pipeline.qat:run",
           "quantization-aware fine-tuning; INT8 ONNX candidates (QAT and PTQ), the gate picks one",
           params=("data.yaml", "train", "evaluate", "export.opset", "export.simplify", "qat"),
-          reads=("outputs/train/metrics.json", "outputs/prune/best.pt", "outputs/prune/metrics.json"),
+          reads=("outputs/control/metrics.json", "outputs/prune/best.pt", "outputs/prune/metrics.json"),
           outs=("outputs/qat/model_int8.onnx", "outputs/qat/pruned_fp32.onnx", "outputs/qat/qat_model.pt"),
           metrics=("outputs/qat/metrics.json", "outputs/qat/gate.json", "outputs/qat/candidates.json"),
-          alias="qat"),
+          alias="qat", parent="pruned"),
     Stage("export", "pipeline.export:run",
           "the deployable INT8 ONNX: simplified, Ultralytics metadata, loads and predicts, parity with QAT",
           params=("data.yaml", "train.imgsz", "evaluate", "export"),
           reads=("outputs/train/metrics.json", "outputs/qat/model_int8.onnx", "outputs/qat/pruned_fp32.onnx",
                  "outputs/qat/qat_model.pt", "outputs/qat/metrics.json"),
           outs=("outputs/export/model.onnx",), metrics=("outputs/export/metrics.json", "outputs/export/gate.json"),
-          alias="exported"),
+          alias="exported", parent="qat"),
     Stage("gate", "pipeline.gates:run_acceptance",
           "acceptance gate: thresholds and champion/challenger, then promote to production",
           params=("data.yaml", "train.imgsz", "evaluate", "gate"),
-          reads=("outputs/export/model.onnx", "outputs/export/metrics.json"),
-          metrics=("outputs/gate/report.json",), alias="production"),
+          reads=("outputs/control/metrics.json", "outputs/prune/metrics.json", "outputs/export/model.onnx",
+                 "outputs/export/metrics.json"),
+          metrics=("outputs/gate/report.json",), alias="production", parent="exported"),
 ]
 
 STAGE_NAMES = [stage.name for stage in STAGES]
@@ -106,16 +114,10 @@ def stage_named(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
-def parent_alias(stage: Stage) -> str | None:
-    """The alias of the model this stage's artifact is derived from: the previous stage that moves one."""
-    with_alias = [s for s in STAGES[:STAGES.index(stage)] if s.alias]
-    return with_alias[-1].alias if with_alias else None
-
-
 def run_stage(stage: Stage | str, ws: Workspace, **kwargs) -> dict:
     """Run one stage on `ws`, allowed to read exactly its declared inputs."""
     stage = stage_named(stage) if isinstance(stage, str) else stage
-    binding = StageBinding(stage.name, stage.reads, stage.alias, parent_alias(stage))
+    binding = StageBinding(stage.name, stage.reads, stage.alias, stage.parent)
     return stage.function()(ws.for_stage(binding), **kwargs)
 
 

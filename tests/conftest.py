@@ -32,7 +32,8 @@ TINY_OVERRIDES = {
     "qat": {"epochs": 1, "calib_images": 4, "activation": "silu",
             "gates": {"max_map_drop": 1.0, "max_file_mb": 20, "max_latency_ratio": None}},
     "export": {"simplify": False, "gates": {"min_map50_95": 0.0, "max_file_mb": 20}},
-    "gate": {"min_map50_95": 0.0, "max_file_mb": 20, "max_latency_ms": 10000, "champion_tolerance": 1.0},
+    "gate": {"min_map50_95": 0.0, "max_file_mb": 20, "max_latency_ms": 10000, "champion_tolerance": 1.0,
+             "max_map_drop": 1.0},
 }
 
 

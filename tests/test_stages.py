@@ -49,7 +49,7 @@ def test_export_onnx_loads_in_ultralytics_and_ort_and_is_registered(trained_work
     assert result["metrics"]["integer_kernels"]["integer_convs_after"] > 0  # INT8 convs survive finalizing
     registry = open_registry(params.registry)
     exported = registry.manifest(registry.alias("exported"))
-    assert exported.parent == registry.alias(stages.parent_alias(stages.stage_named("export")))
+    assert exported.parent == registry.alias(stages.stage_named("export").parent)
     assert exported.metrics["file_bytes"] == model.stat().st_size == result["metrics"]["file_bytes"]
 
 
@@ -111,3 +111,33 @@ def test_absolute_gate_threshold_stops_promotion(trained_workdir):
     with pytest.raises(GateFailed, match="max_latency_ms"):
         stages.run_stage("gate", workspace("gate.max_latency_ms=0.0001"))
     assert open_registry(params.registry).alias("production") is None
+
+
+def test_control_is_the_trained_model_fine_tuned_as_long_as_compression(trained_workdir):
+    from pipeline.control import compression_epochs
+
+    params = load_params("params.yaml")
+    control = json.loads((trained_workdir / "outputs" / "control" / "metrics.json").read_text())
+    assert control["extra_epochs"] == compression_epochs(params) == 2  # 1 prune step x 1 epoch + 1 QAT epoch
+    assert control["baseline"] == "control" and METRIC_KEYS <= set(control)
+    registry = open_registry(params.registry)
+    manifest = registry.manifest(registry.alias("control"))
+    assert manifest.parent == registry.alias("trained") and manifest.metrics["map50_95"] == control["map50_95"]
+    qat_metrics = json.loads((trained_workdir / "outputs" / "qat" / "metrics.json").read_text())
+    best = max(("control", "pruned"), key=lambda n: qat_metrics[f"{n}_map50_95"])
+    assert qat_metrics["accuracy_reference"] == best
+
+    # baseline: trained -> the trained model itself, nothing fine-tuned
+    stages.run_stage("control", workspace("control.baseline=trained"))
+    again = json.loads((trained_workdir / "outputs" / "control" / "metrics.json").read_text())
+    trained = json.loads((trained_workdir / "outputs" / "train" / "metrics.json").read_text())
+    assert again["extra_epochs"] == 0 and again["map50_95"] == trained["map50_95"]
+
+
+def test_acceptance_gate_judges_accuracy_against_the_best_float_model(trained_workdir):
+    stages.run_stage("export", workspace())
+    with pytest.raises(GateFailed, match="max_map_drop_vs_(control|pruned)"):
+        stages.run_stage("gate", workspace("gate.max_map_drop=-1.0"))
+    report = json.loads((trained_workdir / "outputs" / "gate" / "report.json").read_text())
+    assert report["accuracy_reference"]["model"] in ("control", "pruned")
+

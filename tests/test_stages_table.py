@@ -41,6 +41,9 @@ def test_every_read_is_written_by_an_earlier_stage():
 def test_every_stage_writes_under_its_own_folder_and_moves_its_own_alias():
     aliases = [stage.alias for stage in stages.STAGES if stage.alias]
     assert len(aliases) == len(set(aliases))
+    for stage in stages.STAGES:  # lineage: a model derives from one made by an earlier stage
+        earlier = {s.alias for s in stages.STAGES[:stages.STAGES.index(stage)]}
+        assert stage.parent is None or stage.parent in earlier, (stage.name, stage.parent)
     for stage in stages.STAGES:
         for path in (*stage.outs, *stage.metrics, *stage.uncached):
             assert path.startswith(f"outputs/{stage.name}/") or stage.name == "demo", (stage.name, path)
