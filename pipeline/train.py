@@ -98,7 +98,8 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir / "ultralytics"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = model_yaml(p, out_dir)
+    run_dir.mkdir(parents=True)
+    cfg = model_yaml(p, run_dir)  # a scaled copy is a working file: it goes with run_dir, not into the outputs
     try:
         model = YOLO(str(cfg), task="detect")
     except FileNotFoundError as e:
