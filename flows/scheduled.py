@@ -3,18 +3,16 @@
 Each run of the `scheduled-retraining` flow, in the working folder (`workspace`) that holds params.yaml,
 outputs/ and (by default) the registry:
 
-1. takes the workspace lock (an flock on `<workspace>/.retraining/lock`; another run holding it means this
-   one is recorded as skipped, "busy"), and optionally a slot of a Prefect global concurrency limit for
+1. takes the workspace lock (flows/run_notes.py; another run holding it means this one is recorded as
+   skipped, "busy"), and optionally a slot of a Prefect global concurrency limit (flows/concurrency.py) for
    workspaces that live on several machines;
 2. compares the dataset hash and the params with those recorded in the registry manifest of the current
-   `production` model (`decide`). Nothing changed: it records a skipped run and stops. Settings that cannot
-   change the model (the `orchestration` and `registry` sections) are left out of the comparison;
+   `production` model (flows/change_check.py). Nothing changed: it records a skipped run and stops;
 3. otherwise runs the whole pipeline flow (every stage, through every gate) with the task runner the params
    ask for (threads, or Dask), and records whether it promoted, was rejected (and why) or crashed.
 
 Every run is recorded twice: a Prefect markdown artifact (key `scheduled-retraining`) plus the final state's
-name and message (`Skipped`, `Completed`, `Failed`), and a line in `<workspace>/.retraining/runs.jsonl`,
-which does not depend on the registry or on Prefect.
+name and message (`Skipped`, `Completed`, `Failed`), and a line in `<workspace>/.retraining/runs.jsonl`.
 
 Crash safety comes from the pieces underneath: the flock is released by the kernel when the process dies; the
 registry writes a version's manifest last and moves aliases by compare-and-swap, and only a passing gate moves
@@ -26,18 +24,17 @@ dvc.lock describing half a run. A run that started but never recorded an outcome
     python -m flows.scheduled --run                       # one scheduled run, now, in this process
     python -m flows.scheduled --serve                     # serve the deployment with its cron schedule
     python -m flows.scheduled --deploy --pool my-pool     # register it with a work pool (workers run it)
+
+The deployment is defined here, once: its schedule is params.yaml's orchestration.schedule_cron/timezone, its
+parameters come from the command line, and `--image`/`--job-variable` fill a container work pool's job.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import socket
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,22 +42,18 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed, Failed
 
-from pipeline import stages
-from pipeline.params import DEFAULT_PARAMS, Params, load_params
+from flows.change_check import decide
+from flows.concurrency import global_limit_slot
+from flows.run_notes import append_note, lock_holder, unfinished_runs, workspace_lock
+from pipeline.params import DEFAULT_PARAMS, ParamsError, Params
 from pipeline.registry import PRODUCTION, open_registry
+from pipeline.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_NAME = "scheduled-retraining"
 DEPLOYMENT_NAME = "scheduled-retraining"
 ENTRYPOINT = "flows/scheduled.py:scheduled_retraining"
 ARTIFACT_KEY = "scheduled-retraining"
-
-STATE_DIR = ".retraining"  # inside the workspace: the lock and the run notes
-LOCK_FILE = "lock"
-NOTES_FILE = "runs.jsonl"
-
-# How a run is scheduled or fanned out, and where the registry lives, cannot change the model it trains.
-IGNORED_PARAM_SECTIONS = ("orchestration", "registry")
 
 
 class WorkspaceError(ValueError):
@@ -75,231 +68,14 @@ class RetrainingNotPromoted(RuntimeError):
         self.note = note
 
 
-# ------------------------------------------------------------------------------------------- the change check
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def model_params(params_dict: dict) -> dict:
-    return {k: v for k, v in params_dict.items() if k not in IGNORED_PARAM_SECTIONS}
-
-
-def model_params_hash(params_dict: dict) -> str:
-    """Hash of the params that can change the model (what the skip rule compares and the notes key on)."""
-    return hashlib.sha256(json.dumps(model_params(params_dict), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def params_changes(before: dict, after: dict, limit: int = 20) -> list[str]:
-    """Readable differences between two params dicts, ignoring IGNORED_PARAM_SECTIONS.
-
-    A key the older params do not have at all, set now to its default, is no change: it is a setting added
-    to the code since, whose default keeps the old behaviour."""
-    old, new = flatten(model_params(before)), flatten(model_params(after))
-    defaults = flatten(Params().as_dict())
-    unset = object()
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        was, now = old.get(key, unset), new.get(key, unset)
-        if was == now or (was is unset and key in defaults and now == defaults[key]):
-            continue
-        changes.append(f"{key}: {'(unset)' if was is unset else repr(was)} -> "
-                       f"{'(unset)' if now is unset else repr(now)}")
-    return changes[:limit] + ([f"... and {len(changes) - limit} more"] if len(changes) > limit else [])
-
-
-def decide(params: Params, workspace: Path | None = None, force: bool = False) -> dict:
-    """Should a scheduled run retrain? Compares the dataset and params with the production model's lineage.
-
-    Returns {"retrain", "reason", "changes", "dataset_hash", "params_hash", "model_params_hash",
-    "production", "lineage"}. A (dataset, params, production) combination that an earlier scheduled run already
-    trained and saw rejected is not retried (the verdict would be the same) unless `force`.
-    """
-    registry = open_registry(params.registry)
-    current = params.as_dict()
-    decision = {"dataset_hash": stages.dataset_hash(params), "params_hash": params.hash(),
-                "model_params_hash": model_params_hash(current), "production": registry.alias(PRODUCTION),
-                "lineage": [], "changes": []}
-    production = decision["production"]
-    if production is None:
-        return {**decision, "retrain": True, "reason": "no production model yet"}
-
-    lineage = registry.lineage(production)
-    decision["lineage"] = [f"v{m.version} ({m.stage})" for m in lineage]
-    head = lineage[0]  # the production version itself; its parents were trained on the same data and params
-    changes = []
-    if head.dataset_hash != decision["dataset_hash"]:
-        changes.append(f"dataset: {str(head.dataset_hash)[:12]} -> {decision['dataset_hash'][:12]}")
-    if head.params:
-        changes += params_changes(head.params, current)
-    elif head.params_hash != decision["params_hash"]:  # a manifest without the params themselves
-        changes.append(f"params hash: {head.params_hash} -> {decision['params_hash']}")
-    decision["changes"] = changes
-    production_text = f"production v{production} ({' <- '.join(decision['lineage'])})"
-
-    if not changes and not force:
-        return {**decision, "retrain": False,
-                "reason": f"dataset and params unchanged since {production_text}"}
-    if not changes:
-        return {**decision, "retrain": True, "reason": f"forced; nothing changed since {production_text}"}
-    if not force and workspace is not None:
-        rejected = last_rejection(workspace, decision)
-        if rejected is not None:
-            return {**decision, "retrain": False,
-                    "reason": (f"this dataset and params were already trained by run {rejected.get('flow_run_id')} "
-                               f"at {rejected.get('time')} and rejected ({rejected.get('reason')}); production "
-                               f"is still v{production}. Change them, or run with force=true to retry")}
-    return {**decision, "retrain": True, "reason": f"changed since {production_text}: " + "; ".join(changes)}
-
-
-# ------------------------------------------------------------------------------------- workspace state on disk
-
-
-def state_dir(workspace: Path) -> Path:
-    folder = Path(workspace) / STATE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def read_notes(workspace: Path) -> list[dict]:
-    path = Path(workspace) / STATE_DIR / NOTES_FILE
-    if not path.exists():
-        return []
-    notes = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                notes.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A line cut short by a crash mid-write: skip it rather than block every later run.
-                print(f"{path}:{number}: not JSON, ignored", file=sys.stderr)
-    return notes
-
-
-def append_note(workspace: Path, note: dict) -> dict:
-    note = {**note, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # when written
-    line = json.dumps(note, sort_keys=True, default=str) + "\n"
-    # One write() of one line in append mode: concurrent appenders cannot interleave inside a line.
-    with open(state_dir(workspace) / NOTES_FILE, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    return note
-
-
-def last_rejection(workspace: Path, decision: dict) -> dict | None:
-    """The latest finished run with the same data, params and production model, if it was rejected."""
-    for note in reversed(read_notes(workspace)):
-        if note.get("event") != "finished" or note.get("outcome") not in ("promoted", "unchanged", "rejected"):
-            continue
-        same = (note.get("dataset_hash") == decision["dataset_hash"]
-                and note.get("model_params_hash") == decision["model_params_hash"]
-                and note.get("production_before") == decision["production"])
-        if same:
-            return note if note["outcome"] == "rejected" else None
-    return None
-
-
-def unfinished_runs(workspace: Path) -> list[dict]:
-    """Runs that noted a start but never an outcome: they crashed or were killed."""
-    finished = {n.get("flow_run_id") for n in read_notes(workspace) if n.get("event") == "finished"}
-    return [n for n in read_notes(workspace) if n.get("event") == "started" and n.get("flow_run_id") not in finished]
-
-
-@contextlib.contextmanager
-def workspace_lock(workspace: Path, holder: dict, wait_s: float = 0.0):
-    """Yields True when this process holds `<workspace>/.retraining/lock`, False when another does.
-
-    An flock, not a pid file: the kernel drops it when the holding process exits or is killed, so a crashed
-    run never leaves a stale lock behind. Works on local disks and NFSv4 (a Kubernetes RWX volume).
-    """
-    path = state_dir(workspace) / LOCK_FILE
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(json.dumps(holder, default=str))  # who holds it, for the "busy" message of others
-            f.flush()
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def lock_holder(workspace: Path) -> str:
-    try:
-        return (Path(workspace) / STATE_DIR / LOCK_FILE).read_text().strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-@contextlib.contextmanager
-def working_directory(path: Path):
-    # The stages write relative paths (outputs/, registry/): they must run inside the workspace. Each
-    # deployment run is its own process, so changing the process's directory affects nothing else.
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-@contextlib.contextmanager
-def global_limit_slot(name: str | None, wait_s: float):
-    """A slot of the Prefect global concurrency limit `name` (none asked: nothing to hold). Yields False when
-    it is taken. The slot is a lease that the server revokes if the holder dies, so crashes free it too."""
-    if not name:
-        yield True
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectNotFound
-
-    # Ask first: under load the acquisition below can time out before the server answers "no such
-    # limit", and a missing limit must be a setup error, never a silent "busy".
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            raise RuntimeError(f"the global concurrency limit {name!r} must be created before runs can hold it: "
-                               f"prefect gcl create {name} --limit 1") from None
-    with contextlib.ExitStack() as held:
-        try:
-            # strict: a limit that does not exist is a setup error, not a silent "no limit".
-            held.enter_context(concurrency(name, occupy=1, timeout_seconds=max(wait_s, 1.0), strict=True))
-        except TimeoutError:
-            yield False
-            return
-        yield True
-
-
 # ------------------------------------------------------------------------------------------------ the flow
 
 
-def run_pipeline(params_path: str, data: str | None, overrides: list[str]):
+def run_pipeline(workspace: Path, params_path: str, data: str | None, overrides: list[str]):
     """The pipeline flow, as a subflow, with the task runner from params (threads or Dask). Returns its state."""
     from flows.pipeline_flow import run_flow
 
-    return run_flow(params_path, data, overrides)
+    return run_flow(params_path, data, overrides, workspace=str(workspace))
 
 
 def task_runner_description(params: Params) -> str:
@@ -395,34 +171,33 @@ def scheduled_retraining(workspace: str = ".", params_path: str = str(DEFAULT_PA
                     f"the global concurrency limit {concurrency_limit_name!r} is full")
             return finish(workspace_path, {**base, "outcome": "busy",
                                            "reason": f"another run is in progress: {what}"})
-        with working_directory(workspace_path):
-            for crashed in unfinished_runs(workspace_path):
-                logger.warning("run %s (started %s, pid %s on %s) never recorded an outcome: it crashed or was "
-                               "killed; the registry's production alias only moves at a passing gate, so it is "
-                               "unaffected", crashed.get("flow_run_id"), crashed.get("time"), crashed.get("pid"),
-                               crashed.get("host"))
-                append_note(workspace_path, {**crashed, "event": "finished", "outcome": "crashed",
-                                             "reason": f"noticed by run {run_id}: no outcome was recorded"})
-            params = load_params(params_path, overrides or [], data)
-            decision = decide(params, workspace_path, force)
-            note = {**base, "dataset_hash": decision["dataset_hash"], "params_hash": decision["params_hash"],
-                    "model_params_hash": decision["model_params_hash"], "production_before": decision["production"],
-                    "production_after": decision["production"], "changes": decision["changes"],
-                    "lineage": decision["lineage"], "task_runner": task_runner_description(params)}
-            if not decision["retrain"]:
-                return finish(workspace_path, {**note, "outcome": "skipped", "reason": decision["reason"]})
+        for crashed in unfinished_runs(workspace_path):
+            logger.warning("run %s (started %s, pid %s on %s) never recorded an outcome: it crashed or was "
+                           "killed; the registry's production alias only moves at a passing gate, so it is "
+                           "unaffected", crashed.get("flow_run_id"), crashed.get("time"), crashed.get("pid"),
+                           crashed.get("host"))
+            append_note(workspace_path, {**crashed, "event": "finished", "outcome": "crashed",
+                                         "reason": f"noticed by run {run_id}: no outcome was recorded"})
+        ws = Workspace.load(workspace_path, params_path, overrides or [], data)
+        decision = decide(ws, force)
+        note = {**base, "dataset_hash": decision["dataset_hash"], "params_hash": decision["params_hash"],
+                "model_params_hash": decision["model_params_hash"], "production_before": decision["production"],
+                "production_after": decision["production"], "changes": decision["changes"],
+                "lineage": decision["lineage"], "task_runner": task_runner_description(ws.params)}
+        if not decision["retrain"]:
+            return finish(workspace_path, {**note, "outcome": "skipped", "reason": decision["reason"]})
 
-            logger.info("retraining: %s", decision["reason"])
-            append_note(workspace_path, {**note, "event": "started", "reason": decision["reason"]})
-            try:
-                pipeline_state = run_pipeline(params_path, data, overrides or [])
-            except Exception as e:  # raised instead of returning a failed state: it could not even start
-                return finish(workspace_path, {**note, "outcome": "failed", "reason": f"{type(e).__name__}: {e}"})
-            registry = open_registry(params.registry)
-            outcome, reason, report = outcome_of(pipeline_state, registry, decision["production"])
-            return finish(workspace_path, {**note, "outcome": outcome, "reason": reason,
-                                           "production_after": registry.alias(PRODUCTION),
-                                           "gate_checks": (report or {}).get("checks", [])})
+        logger.info("retraining: %s", decision["reason"])
+        append_note(workspace_path, {**note, "event": "started", "reason": decision["reason"]})
+        try:
+            pipeline_state = run_pipeline(workspace_path, params_path, data, overrides or [])
+        except Exception as e:  # raised instead of returning a failed state: it could not even start
+            return finish(workspace_path, {**note, "outcome": "failed", "reason": f"{type(e).__name__}: {e}"})
+        registry = open_registry(ws.params.registry, base_dir=ws.root)
+        outcome, reason, report = outcome_of(pipeline_state, registry, decision["production"])
+        return finish(workspace_path, {**note, "outcome": outcome, "reason": reason,
+                                       "production_after": registry.alias(PRODUCTION),
+                                       "gate_checks": (report or {}).get("checks", [])})
 
 
 # ------------------------------------------------------------------------------------- deployments and CLI
@@ -456,18 +231,20 @@ def serve(params: Params, parameters: dict, name: str = DEPLOYMENT_NAME, cron: s
 
 
 def deploy(params: Params, parameters: dict, pool: str, name: str = DEPLOYMENT_NAME, cron: str | None = None,
-           image: str | None = None, source: str | Path = REPO, paused: bool = False) -> str:
+           image: str | None = None, source: str | Path = REPO, paused: bool = False,
+           job_variables: dict | None = None) -> str:
     """Register the deployment with a work pool; its workers run it. Returns the deployment id.
 
     Without `image` (a process pool) workers run the code in `source`, a folder on their machine. With `image`
     (kubernetes/docker pools) the code is the image's: the module entry point is importable wherever the
     package is installed, and nothing is built or pushed here (build the image with infra/Dockerfile).
+    `job_variables` fill the pool's job template (e.g. gpu_count for the Kubernetes one in infra/k8s).
     """
     from prefect.deployments.runner import EntrypointType
 
     options = dict(name=name, work_pool_name=pool, schedule=schedule_for(params, cron), parameters=parameters,
                    concurrency_limit=one_run_at_a_time(), tags=["retraining"], paused=paused,
-                   print_next_steps=False)
+                   job_variables=job_variables or {}, print_next_steps=False)
     if image:
         deployment_id = scheduled_retraining.deploy(image=image, build=False, push=False,
                                                     entrypoint_type=EntrypointType.MODULE_PATH, **options)
@@ -475,6 +252,18 @@ def deploy(params: Params, parameters: dict, pool: str, name: str = DEPLOYMENT_N
         source_flow = scheduled_retraining.from_source(source=str(Path(source).resolve()), entrypoint=ENTRYPOINT)
         deployment_id = source_flow.deploy(**options)
     return str(deployment_id)
+
+
+def job_variables_from(assignments: list[str]) -> dict:
+    import yaml
+
+    variables = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ParamsError(f"--job-variable expects KEY=VALUE, got {assignment!r}")
+        key, value = assignment.split("=", 1)
+        variables[key.strip()] = yaml.safe_load(value) if value else ""
+    return variables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cron", help="schedule (default: orchestration.schedule_cron in params)")
     parser.add_argument("--pool", help="--deploy: work pool name")
     parser.add_argument("--image", help="--deploy: container image holding this project (docker/kubernetes pools)")
+    parser.add_argument("--job-variable", action="append", default=[], metavar="KEY=VALUE",
+                        help="--deploy: a job variable of the work pool's job template, e.g. gpu_count=1 "
+                             "(YAML value; repeatable)")
     parser.add_argument("--paused", action="store_true", help="--deploy: create the schedule paused")
     parser.add_argument("--json", action="store_true", help="--check: print JSON")
     return parser
@@ -503,20 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from pipeline.params import ParamsError
     from pipeline.registry import RegistryError
 
     workspace = Path(args.workspace).expanduser().resolve()
     try:
-        if not workspace.is_dir():
+        if workspace.is_dir():
+            ws = Workspace.load(workspace, args.params, args.set, args.data)
+        elif args.deploy and args.image and Path(args.workspace).is_absolute():
+            # The flow-run pods' folder, not this machine's: the schedule comes from the params found here.
+            ws = Workspace.load(Path.cwd(), args.params, args.set)
+        else:
             raise WorkspaceError(f"--workspace {workspace}: no such folder")
-        with working_directory(workspace):
-            params = load_params(args.params, args.set, args.data)
-            if args.check:
-                decision = decide(params, workspace, args.force)
-                print(json.dumps(decision, indent=2) if args.json else
-                      f"{'retrain' if decision['retrain'] else 'skip'}: {decision['reason']}")
-                return 0
+        if args.check:
+            decision = decide(ws, args.force)
+            print(json.dumps(decision, indent=2) if args.json else
+                  f"{'retrain' if decision['retrain'] else 'skip'}: {decision['reason']}")
+            return 0
         if args.run:
             state = scheduled_retraining(workspace=str(workspace), params_path=args.params, data=args.data,
                                          overrides=args.set, force=args.force, return_state=True)
@@ -525,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         # Deployments carry the workspace as an absolute path: workers start in their own folder.
         parameters = deployment_parameters(str(workspace), args.params, args.data, args.set)
         if args.serve:
-            serve(params, parameters, args.name, args.cron)
+            serve(ws.params, parameters, args.name, args.cron)
             return 0
         if not args.pool:
             parser.error("--deploy needs --pool (create one: prefect work-pool create NAME --type process)")
-        deployment_id = deploy(params, parameters, args.pool, args.name, args.cron, args.image, paused=args.paused)
+        job_variables = job_variables_from(args.job_variable)
+        deployment_id = deploy(ws.params, parameters, args.pool, args.name, args.cron, args.image,
+                               paused=args.paused, job_variables=job_variables)
         print(f"deployment {FLOW_NAME}/{args.name} ({deployment_id}) on work pool {args.pool!r}; "
               f"trigger a run: prefect deployment run '{FLOW_NAME}/{args.name}'")
         return 0

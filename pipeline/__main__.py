@@ -6,86 +6,106 @@ import json
 import sys
 import time
 
-from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params
-
-STAGE_HELP = {
-    "demo": "generate the built-in demo dataset into data/demo",
-    "validate": "check the dataset with Great Expectations; stops on bad data",
-    "train": "train a YOLO model from its model YAML; registers best.pt",
-    "sensitivity": "prune each layer alone at each ratio, measure the mAP drop, write a pruning plan",
-    "prune": "apply the plan with Torch-Pruning in steps, fine-tuning after each; registers best.pt",
-    "qat": "quantization-aware fine-tuning; INT8 ONNX candidates (QAT and PTQ), the gate picks one",
-    "export": "export to ONNX, check it loads in Ultralytics, evaluate, register",
-    "gate": "acceptance gate: thresholds and champion/challenger, then promote to production",
-}
+from pipeline.params import DEFAULT_PARAMS, ParamsError
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="the workspace folder (default: the current folder)")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file, relative to the workspace")
     parser.add_argument("--data", help="a data.yaml to use instead of params' data.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a params entry, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="one line per stage, no per-epoch progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import registry_cli
-    from pipeline.stages import STAGE_FUNCTIONS
+    from pipeline.stages import RUN_STAGES, STAGES
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in STAGE_FUNCTIONS:
-        add_common(commands.add_parser(name, help=STAGE_HELP.get(name, name)))
-    add_common(commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
-                                                 "pruned + INT8 (runs the pipeline first if needed)"))
-    run = commands.add_parser("run", help="run every stage in order, stopping at the first failure")
+    for stage in STAGES:
+        add_common(commands.add_parser(stage.name, help=stage.help))
+    run = commands.add_parser("run", help=f"run every stage in order ({' -> '.join(s.name for s in RUN_STAGES)}), "
+                                          "stopping at the first failure")
     add_common(run)
     run.add_argument("--from", dest="start", help="start at this stage (earlier outputs must exist)")
+    add_common(commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
+                                                 "pruned + INT8 (runs the pipeline first if needed)"))
+    dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (--check: only compare)")
+    dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs from the stage table")
+    dvc_yaml.add_argument("--root", default=".", help="the repository folder holding dvc.yaml")
     registry = registry_cli.add_subparser(commands)
     add_common(registry)
     return parser
 
 
-def log(message: str) -> None:
-    print(f"[pipeline {time.strftime('%H:%M:%S')}] {message}", flush=True)
+def run_stage(stage, ws) -> dict:
+    from pipeline.progress import stage_log
+    from pipeline.stages import run_stage as run
 
-
-def run_stage(name: str, params) -> dict:
-    from pipeline.stages import STAGE_FUNCTIONS
-
-    log(f"stage {name}: start")
+    stage_log.info("stage %s: start", stage.name)
     started = time.perf_counter()
-    result = STAGE_FUNCTIONS[name](params)
-    log(f"stage {name}: done in {time.perf_counter() - started:.1f}s")
+    result = run(stage, ws)
+    stage_log.info("stage %s: done in %.1fs", stage.name, time.perf_counter() - started)
     print(json.dumps(result, indent=2, default=str), flush=True)
     return result
+
+
+def write_dvc_yaml(root: str, check: bool) -> int:
+    from pathlib import Path
+
+    from pipeline.stages import dvc_yaml_text
+
+    path, text = Path(root) / "dvc.yaml", dvc_yaml_text()
+    if check:
+        same = path.is_file() and path.read_text() == text
+        print(f"{path}: {'matches' if same else 'differs from'} the stage table")
+        return 0 if same else 1
+    from pipeline.io import write_text
+
+    write_text(path, text)
+    print(f"{path}: written from the stage table")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.dataset import DatasetError
     from pipeline.gates import GateFailed
     from pipeline.registry import RegistryError
-    from pipeline.stages import STAGES, StageInputMissing
     from pipeline.validate import ValidationFailed
+    from pipeline.workspace import StageInputMissing, Workspace
 
     args = build_parser().parse_args(argv)
+    if args.command == "dvc-yaml":
+        return write_dvc_yaml(args.root, args.check)
+    from pipeline.progress import configure_console
+
+    configure_console(quiet=args.quiet)
     try:
-        params = load_params(args.params, args.set, args.data)
+        ws = Workspace.load(args.root, args.params, args.set, args.data)
         if args.command == "registry":
             from pipeline import registry_cli
 
-            return registry_cli.main(args, params)
+            return registry_cli.main(args, ws.params)  # TODO(merge): pass ws.root as the registry base_dir
         if args.command == "bench":
-            from pipeline.stages import bench
+            from pipeline.bench import run_bench
 
-            bench(params)
+            print(run_bench(ws)["markdown"])
             return 0
+        from pipeline.stages import RUN_STAGES, stage_named
+
         if args.command == "run":
-            stages = STAGES[STAGES.index(args.start):] if args.start else STAGES
-            for name in stages:
-                run_stage(name, params)
-            log("all stages passed")
+            names = [s.name for s in RUN_STAGES]
+            if args.start and args.start not in names:
+                raise ParamsError(f"--from {args.start}: not a stage of a run ({', '.join(names)})")
+            for stage in RUN_STAGES[names.index(args.start) if args.start else 0:]:
+                run_stage(stage, ws)
+            from pipeline.progress import stage_log
+
+            stage_log.info("all stages passed")
         else:
-            run_stage(args.command, params)
+            run_stage(stage_named(args.command), ws)
         return 0
     except (ValidationFailed, GateFailed) as e:
         print(f"\n{e}", file=sys.stderr)

@@ -15,8 +15,9 @@ from pathlib import Path
 from pipeline.evaluate import evaluate, export_fp32_onnx, model_size, onnx_latency_ms
 from pipeline.io import write_json, write_text
 from pipeline.params import Params
+from pipeline.workspace import Workspace
 
-BENCH_DIR = Path("bench/results")
+BENCH_DIR = "bench/results"  # under the workspace root
 TARGETS = {"size_ratio_max": 1 / 8, "map_ratio_min": 0.97, "speedup_vs_fp32_min": 3.0, "speedup_vs_ultralytics_min": 2.0}
 
 
@@ -78,8 +79,20 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def run_bench(ws: Workspace) -> dict:
+    """`python -m pipeline bench`: runs the pipeline first (up to export) where its outputs are missing."""
+    from pipeline.stages import RUN_STAGES, run_stage
+
+    needed = ["outputs/train/best.pt", "outputs/prune/best.pt", "outputs/export/model.onnx"]
+    if not all(ws.path(path).exists() for path in needed):
+        for stage in RUN_STAGES[:[s.name for s in RUN_STAGES].index("export") + 1]:
+            run_stage(stage, ws)
+    return bench(ws.params, ws.data_yaml(), ws.outputs("train"), ws.outputs("prune"),
+                 ws.outputs("export") / "model.onnx", ws.path(BENCH_DIR))
+
+
 def bench(params: Params, data_yaml: Path, train_dir: Path, prune_dir: Path, final_onnx: Path,
-          out_dir: Path = BENCH_DIR, runs: int = 50) -> dict:
+          out_dir: Path, runs: int = 50) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)

@@ -93,6 +93,16 @@ def load_data_yaml(path: str | Path) -> DatasetSpec:
     return spec
 
 
+def split_images(data_yaml: str | Path, split: str, limit: int | None = None) -> list[Path]:
+    """The first `limit` (all by default) images of a split, in sorted order, as Ultralytics lists them; the one
+    place that reads a split's folders and .txt lists."""
+    spec = load_data_yaml(data_yaml)
+    images = spec.images.get(split, [])[:limit]
+    if not images:
+        raise DatasetError(f"{spec.yaml_path}: the {split} split has no images", spec.yaml_path)
+    return images
+
+
 def _parse_names(yaml_path: Path, data: dict) -> dict[int, str]:
     names = data.get("names")
     if not names:
@@ -247,3 +257,10 @@ def box_table(spec: DatasetSpec) -> pd.DataFrame:
     table["n_fields"] = table["n_fields"].astype("int64")
     table["numeric"] = table["numeric"].astype("bool")
     return table
+
+
+def workspace_dataset_hash(ws) -> str:
+    """`dataset_hash` of a workspace's dataset, computed once per run (hashing every image is not free)."""
+    if "dataset_hash" not in ws.cache:
+        ws.cache["dataset_hash"] = dataset_hash(load_data_yaml(ws.data_yaml()))
+    return ws.cache["dataset_hash"]

@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from pipeline.params import DemoParams
+from pipeline.params import DEMO_DATA_YAML, DemoParams
+from pipeline.workspace import Workspace
 
 CLASS_NAMES = ["circle", "square", "triangle", "cross"]
 MIN_SIZE_FRACTION = 0.08  # of the image side
@@ -30,6 +31,11 @@ PLACEMENT_TRIES = 50
 GAP_PX = 2  # free pixels kept between objects so boxes never touch
 MARKER_FILE = "demo.json"
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so old datasets are regenerated
+
+
+def run(ws: Workspace) -> dict:
+    """Stage `demo`: (re)writes data/demo whatever data.yaml points at, since dvc.yaml's demo stage owns it."""
+    return {"data_yaml": str(generate_demo(ws.path(DEMO_DATA_YAML).parent, ws.params.data.demo))}
 
 
 def generate_demo(out_dir: Path, p: DemoParams) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from pipeline import prepare_ultralytics
+from pipeline.io import copy_file
 from pipeline.params import Params
 
 
@@ -26,26 +27,13 @@ class EvaluationError(RuntimeError):
 
 def _subset_data_yaml(data_yaml: Path, max_images: int, workdir: Path) -> Path:
     """A data.yaml whose val split is the first `max_images` val images in sorted order (a fixed subset)."""
-    from ultralytics.data.utils import check_det_dataset
+    from pipeline.dataset import load_data_yaml, split_images
 
-    data = check_det_dataset(str(data_yaml))
-    val = data["val"]
-    val_paths = val if isinstance(val, list) else [val]
-    images: list[str] = []
-    for entry in val_paths:
-        entry = Path(entry)
-        if entry.suffix == ".txt":
-            images += [line.strip() for line in entry.read_text().splitlines() if line.strip()]
-        else:
-            images += [str(p) for p in entry.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"}]
-    images = sorted(images)[:max_images]
-    if not images:
-        raise EvaluationError(f"{data_yaml}: the val split has no images")
     listing = workdir / "val_subset.txt"
-    listing.write_text("\n".join(str(Path(p).resolve()) for p in images) + "\n")
+    listing.write_text("\n".join(str(p) for p in split_images(data_yaml, "val", max_images)) + "\n")
     subset = workdir / "data_subset.yaml"
     subset.write_text(yaml.safe_dump({"path": str(workdir), "train": str(listing), "val": str(listing),
-                                      "names": data["names"]}))
+                                      "names": load_data_yaml(data_yaml).names}))
     return subset
 
 
@@ -104,11 +92,7 @@ def export_fp32_onnx(pt_path: Path, out_path: Path, imgsz: int, opset: int, simp
         exported = YOLO(str(local_pt), task="detect").export(
             format="onnx", imgsz=imgsz, opset=opset, simplify=simplify, dynamic=False, device="cpu",
             verbose=False)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        staged = out_path.with_suffix(".onnx.tmp")
-        shutil.copyfile(exported, staged)
-        staged.replace(out_path)
-    return out_path
+        return copy_file(exported, out_path)
 
 
 def model_size(artifact: Path, imgsz: int) -> dict:

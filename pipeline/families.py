@@ -1,11 +1,12 @@
 """The family table: each YOLO family at its smallest scale through the whole pipeline on the same data, the
 FP32 ONNX export of the trained model against our final INT8 model.
 
-`bench_families(params_file, models)` runs `python -m pipeline run` once per model YAML, each in its own
-folder (its own outputs/ and registry) with `train.model` set to that YAML and everything else from the
-params file, then measures both ONNX models of every family with the shared evaluator and ONNX Runtime
-(`bench.measure`, the same measurement as the benchmark table) and writes bench/families.md and .json.
-A family whose run stops at a gate still gets a row: its FP32 column, and which gate stopped it.
+`bench_families(ws, models)` makes one workspace per model YAML under `bench/families/<model>/` (its own
+params.yaml: the run's params with `train.model` set to that YAML, the run's dataset, a local registry),
+runs `python -m pipeline run` in each, then measures both ONNX models of every family with the shared
+evaluator and ONNX Runtime (`bench.measure`, the same measurement as the benchmark table) and writes
+bench/results/families.md and families.json. A family whose run stops at a gate still gets a row: its
+FP32 column, and which gate stopped it.
 """
 from __future__ import annotations
 
@@ -16,36 +17,51 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from pipeline.io import read_json, write_json, write_text
-from pipeline.params import Params, load_params
+from pipeline.params import Params
+from pipeline.workspace import Workspace
 
 # The smallest scale of every supported family (`n`, or `t` for YOLOv9).
 FAMILIES = {"yolov5n.yaml": "YOLOv5u", "yolov8n.yaml": "YOLOv8", "yolov9t.yaml": "YOLOv9",
             "yolo11n.yaml": "YOLO11", "yolo26n.yaml": "YOLO26"}
-STAGE_ORDER = ["validate", "train", "sensitivity", "prune", "qat", "export", "gate"]
+FAMILIES_DIR = Path("bench/families")
+RESULTS_DIR = Path("bench/results")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_family(model_yaml: str, params_file: Path, data_yaml: Path, workdir: Path) -> dict:
-    """`python -m pipeline run` for one model YAML in `workdir` (outputs/ and a local registry there); returns
-    {"returncode", "seconds", "log"}.
+def family_workspace(ws: Workspace, model_yaml: str, data_yaml: Path) -> Path:
+    """The folder of one family's run, with its params.yaml: the run's params, `train.model` set to
+    `model_yaml`, the dataset at `data_yaml` (shared by every family), a local registry of its own."""
+    root = ws.path(FAMILIES_DIR) / Path(model_yaml).stem
+    root.mkdir(parents=True, exist_ok=True)
+    raw = ws.params.as_dict()
+    raw["train"]["model"] = model_yaml
+    raw["data"]["yaml"] = str(data_yaml.resolve())
+    raw["registry"].update({"uri": "registry", "endpoint_url": None})
+    write_text(root / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+def run_family(root: Path) -> dict:
+    """`python -m pipeline run` in one family's workspace; returns {"returncode", "seconds", "log"}.
 
     A separate process per family: each run starts from a clean torch/Ultralytics state, and a family that
     fails leaves the others running."""
-    workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
-    with open(workdir / "run.log", "w") as log:
-        done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--params", str(params_file.resolve()),
-                               "--data", str(data_yaml.resolve()), "--set", f"train.model={model_yaml}",
-                               "--set", "registry.uri=registry"],  # each family its own local registry
-                              cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(root / "run.log", "w") as log:
+        done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--root", str(root), "--quiet"],
+                              cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "log": str(workdir / "run.log")}
+            "log": str(root / "run.log")}
 
 
 def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
     """(what the pipeline did to the model, in order; the gate that stopped it or None) from a run's outputs."""
+    from pipeline.stages import RUN_STAGES
+
     applied: list[str] = []
     plan = outputs / "sensitivity" / "plan.json"
     if plan.is_file():
@@ -61,7 +77,7 @@ def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
         m = read_json(qat)
         applied.append(f"{m['chosen']} ({m['integer_convs']} integer convs, {m['float_convs']} float)")
     stopped = None
-    for stage in STAGE_ORDER:
+    for stage in [stage.name for stage in RUN_STAGES]:
         gate = outputs / stage / ("report.json" if stage == "gate" else "gate.json")
         if gate.is_file() and not read_json(gate)["passed"]:
             failed = [c["gate"] for c in read_json(gate)["checks"] if not c["passed"]]
@@ -70,12 +86,12 @@ def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
     return applied, stopped
 
 
-def family_row(model_yaml: str, workdir: Path, data_yaml: Path, params: Params, runs: int) -> dict:
+def family_row(model_yaml: str, root: Path, data_yaml: Path, params: Params, runs: int) -> dict:
     """One table row: the trained model's FP32 ONNX and the final INT8 ONNX, measured alike."""
     from pipeline.bench import measure
     from pipeline.evaluate import export_fp32_onnx
 
-    outputs = workdir / "outputs"
+    outputs = root / "outputs"
     trained = outputs / "train" / "best.pt"
     final = outputs / "export" / "model.onnx"
     applied, stopped = stages_applied(outputs)
@@ -107,35 +123,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_families(params_file: str | Path, models: list[str] | None = None, data_yaml: str | Path | None = None,
-                   work_root: str | Path = Path("bench/families"), out_dir: str | Path = Path("bench/results"),
-                   runs: int = 50) -> dict:
-    """Run the pipeline for every model YAML in `models` (default: FAMILIES) and write
-    out_dir/families.md and families.json. `data_yaml` defaults to the params file's dataset (the demo data is
-    generated once, shared by every family). Returns {"rows", "markdown"}."""
-    from pipeline.stages import data_yaml as stage_data_yaml
-
-    params_file, work_root, out_dir = Path(params_file), Path(work_root), Path(out_dir)
-    params = load_params(params_file)
-    data_yaml = Path(data_yaml) if data_yaml else stage_data_yaml(params)
-    models = list(models or FAMILIES)
-    rows = []
-    for model_yaml in models:
-        workdir = work_root / Path(model_yaml).stem
-        run = run_family(model_yaml, params_file, data_yaml, workdir)
-        row = family_row(model_yaml, workdir, data_yaml, params, runs)
-        row["run"] = run
-        if run["returncode"] != 0 and not row["stopped"]:
-            row["stopped"] = f"pipeline failed (exit {run['returncode']}), see {run['log']}"
-        rows.append(row)
+def bench_families(ws: Workspace, models: list[str] | None = None, runs: int = 50) -> dict:
+    """Run the pipeline for every model YAML in `models` (default: FAMILIES) on `ws`'s dataset and params, and
+    write bench/results/families.md and families.json under `ws.root`. Returns {"rows", "markdown"}."""
     import onnxruntime
 
     from pipeline.bench import _cpu_count, _cpu_model
 
+    data_yaml = ws.data_yaml()
+    rows = []
+    for model_yaml in models or list(FAMILIES):
+        root = family_workspace(ws, model_yaml, data_yaml)
+        run = run_family(root)
+        row = family_row(model_yaml, root, data_yaml, ws.params, runs)
+        row["run"] = run
+        if run["returncode"] != 0 and not row["stopped"]:
+            row["stopped"] = f"pipeline failed (exit {run['returncode']}), see {run['log']}"
+        rows.append(row)
     header = (f"Families {time.strftime('%Y-%m-%d')} on {_cpu_model()}, {_cpu_count()} cores; ONNX Runtime "
               f"{onnxruntime.__version__} CPU, batch 1, median of {runs}; data {data_yaml}; imgsz "
-              f"{params.train.imgsz}; every family trained, pruned and quantized with the same params.")
+              f"{ws.params.train.imgsz}; every family trained, pruned and quantized with the same params.")
     text = "\n".join([header, "", markdown_table(rows)]) + "\n"
+    out_dir = ws.path(RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "families.md", text)
     write_json(out_dir / "families.json", {"rows": rows, "header": header})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -18,11 +19,17 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files others read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def copy_file(source: str | Path, path: str | Path) -> Path:
+    """Copy `source` to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -47,7 +47,7 @@ class ValidateParams(Section):
 class StageGates(Section):
     min_map50_95: float | None = None
     max_file_mb: float | None = None
-    max_map_drop: float | None = None  # vs the trained model, in mAP50-95 points (0.02 = 2 points)
+    max_map_drop: float | None = None  # vs the stage's reference model, in mAP50-95 points (0.02 = 2 points)
     min_params_reduction: float | None = None  # 0.3 = at least 30% fewer parameters than trained
     max_latency_ms: float | None = None
     max_latency_ratio: float | None = None  # vs a reference model's latency (qat: the pruned FP32 ONNX)
@@ -87,6 +87,14 @@ class ExportParams(Section):
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
+class ControlParams(Section):
+    # control: the trained model fine-tuned for as many extra epochs as compression spends (prune steps x
+    # epochs_per_step + qat epochs), the fair FP32 baseline. trained: the trained model is the baseline (train
+    # it to convergence: many epochs, early stopping with train.patience).
+    baseline: Literal["control", "trained"] = "control"
+    gates: StageGates = StageGates()
+
+
 class SensitivityParams(Section):
     ratios: list[float] = [0.2, 0.4, 0.6, 0.8]
     val_images: int = 32  # fixed val subset, the first N images in sorted order
@@ -109,6 +117,9 @@ class QatParams(Section):
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator
+    # Several candidates pass: the fastest within this much mAP50-95 of the most accurate passing one.
+    choice_tolerance: float = 0.005
+    # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)
     gates: StageGates = StageGates(max_map_drop=0.02, max_file_mb=5, max_latency_ratio=1.0)
 
 
@@ -117,6 +128,7 @@ class GateParams(Section):
     max_file_mb: float = 5.0
     max_latency_ms: float = 100.0
     champion_tolerance: float = 0.01  # challenger may trail production by at most this much mAP50-95
+    max_map_drop: float | None = 0.03  # vs the best float model of the run (control or pruned FP32)
 
 
 class RegistryParams(Section):
@@ -139,6 +151,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    control: ControlParams = ControlParams()
     sensitivity: SensitivityParams = SensitivityParams()
     prune: PruneParams = PruneParams()
     qat: QatParams = QatParams()
@@ -152,7 +165,25 @@ class Params(Section):
         return self.model_dump(by_alias=True, mode="json")
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return params_hash(self.as_dict())
+
+
+def params_hash(params_dict: dict, exclude_sections: tuple[str, ...] = ()) -> str:
+    """Short sha256 of a params dict (as `Params.as_dict()` gives), leaving out whole sections if asked."""
+    kept = {k: v for k, v in params_dict.items() if k not in exclude_sections}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; lists and empty dicts stay values."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
 
 
 class ParamsError(ValueError):

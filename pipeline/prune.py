@@ -13,19 +13,33 @@ Outputs in out_dir: best.pt (loads with `YOLO(path)` wherever `pipeline` is impo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline import prepare_ultralytics, surgery
-from pipeline.io import read_json, sha256_file, write_json
+from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
+from pipeline.progress import log_ultralytics_epochs
 from pipeline.units import UnitPruner, list_groups, load_model
+from pipeline.workspace import Workspace
 
 
 class PruneError(RuntimeError):
     pass
+
+
+def run(ws: Workspace) -> dict:
+    """Stage `prune`: best.pt, metrics.json, steps.json in outputs/prune; registers best.pt as `pruned`."""
+    from pipeline.gates import publish
+
+    trained = read_json(ws.input("outputs/train/metrics.json"))
+    out_dir = ws.stage_dir()
+    metrics = run_prune(ws.input("outputs/train/best.pt"), ws.input("outputs/sensitivity/plan.json"),
+                        ws.data_yaml(), ws.params, out_dir, trained)
+    gate = publish(ws, files={"best.pt": out_dir / "best.pt"}, primary="best.pt", metrics=metrics,
+                   gates=ws.params.prune.gates, reference=trained)
+    return {"metrics": metrics, "gate": gate}
 
 
 def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
@@ -57,7 +71,8 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
     return plan
 
 
-def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path):
+def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path,
+             what: str = "prune fine-tune"):
     """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
     back into it. Returns `model`.
 
@@ -76,6 +91,7 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
                      plots=False, amp=False, verbose=False, pretrained=False, val=True,
                      warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start
     trainer = DetectionTrainer(overrides=overrides)
+    log_ultralytics_epochs(trainer, what)
     trainer.model = model.train()
     trainer.train()
     best = Path(trainer.best)
@@ -97,9 +113,10 @@ def _measure(model, ckpt: dict, data_yaml, params: Params, path: Path, **extra) 
 
 
 def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Path, params: Params,
-              out_dir: str | Path) -> dict:
+              out_dir: str | Path, trained_metrics: dict) -> dict:
     """Prune `trained_pt` by `plan_json` in `params.prune.steps` steps with fine-tuning; write out_dir/best.pt,
-    metrics.json and steps.json; return the metrics."""
+    metrics.json and steps.json; return the metrics. `trained_metrics`: the evaluator's metrics of
+    `trained_pt` (the train stage's metrics.json), which the drops are measured against."""
     from pipeline.evaluate import evaluate
 
     prepare_ultralytics()
@@ -117,7 +134,9 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
     pruner = UnitPruner(model, ratios, steps=pp.steps)
     params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
-    trained = evaluate(trained_pt, data_yaml, params, latency=False)
+    if "map50_95" not in trained_metrics:
+        raise PruneError("trained_metrics has no 'map50_95': drops are measured against the trained model's mAP")
+    trained = trained_metrics
 
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".prune-", dir=out_dir))
@@ -128,7 +147,8 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
             pruner.step()
             if pp.epochs_per_step > 0:
-                finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt)
+                finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
+                         what=f"prune step {step}/{pp.steps} fine-tune")
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
             info = {"step": step, "of": pp.steps, "ratios": step_ratios}
@@ -143,10 +163,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
             if record["drop"] > pp.max_drop:
                 break  # further steps prune more and would only drop further
 
-        best_pt = out_dir / "best.pt"
-        staged = out_dir / ".best.pt.tmp"
-        shutil.copyfile(best_step["checkpoint"], staged)
-        os.replace(staged, best_pt)
+        best_pt = copy_file(best_step["checkpoint"], out_dir / "best.pt")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

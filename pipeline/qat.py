@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -42,8 +40,11 @@ import torch.nn.functional as F
 
 from pipeline import gates, int8, surgery
 from pipeline.evaluate import evaluate, export_fp32_onnx, onnx_latency_ms
-from pipeline.io import write_json
+from pipeline.control import best_float_model
+from pipeline.io import copy_file, read_json, write_json
 from pipeline.params import Params
+from pipeline.progress import Progress, epoch_details
+from pipeline.workspace import Workspace
 
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
 # Weights use ORT's reduced symmetric int8 range [-64, 64] (reduce_range=True): on x86 without VNNI,
@@ -268,7 +269,7 @@ def calibrate(model: nn.Module, calib_images: list[Path], imgsz: int) -> None:
     set_observers(model, False)
 
 
-def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> None:
+def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what: str = "") -> None:
     """QAT: params.qat.epochs of training with fake quantization on, Ultralytics' dataset and loss.
 
     Activation ranges follow the batches (EMA) in all but the last epoch and are frozen in the last one,
@@ -300,6 +301,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
     steps = epochs * len(loader)
     step = 0
     set_fake_quant(model, True)
+    progress = Progress(f"qat {what} epoch", epochs)
     for epoch in range(epochs):
         last = epoch == epochs - 1 and epochs > 1
         set_observers(model, not last, momentum=EMA_MOMENTUM)
@@ -319,6 +321,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list) -> No
             step += 1
         log.append({"epoch": epoch + 1, "loss": total / max(len(loader), 1), "seconds": round(time.time() - start, 1),
                     "ranges_frozen": last})
+        progress.step(epoch_details(log[-1]["loss"], None, log[-1]["seconds"]))
     set_observers(model, False)
     model.criterion = None
     for p in model.parameters():
@@ -375,31 +378,72 @@ def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Para
     share_input_observers(model, map_convs_to_onnx(model, probe))
     calibrate(model, calib_images, params.train.imgsz)
     log: list = []
-    finetune(model, data_yaml, params, log)
+    finetune(model, data_yaml, params, log, what=activation)
 
-    suffix = "" if activation == "silu" else f"_{activation}"
-    torch_pt = save_checkpoint(model, out_dir / f"qat{suffix}_model.pt", base_ckpt,
+    torch_pt = save_checkpoint(model, out_dir / f"qat_{activation}_model.pt", base_ckpt,
                                qat={"activation": activation, "epochs": params.qat.epochs})
-    float_onnx = export_float_onnx(model, base_ckpt, work / f"qat{suffix}_fp32.onnx", params)
+    float_onnx = export_float_onnx(model, base_ckpt, work / f"qat_{activation}_fp32.onnx", params)
     qparams = activation_qparams(model, map_convs_to_onnx(model, float_onnx))
     return {"torch_pt": torch_pt, "float_onnx": float_onnx, "qparams": qparams, "log": log}
 
 
+def run(ws: Workspace) -> dict:
+    """Stage `qat`: INT8 candidates and the chosen model_int8.onnx in outputs/qat; registers it as `qat`."""
+    from pipeline.gates import publish
+
+    float_models = {"control": read_json(ws.input("outputs/control/metrics.json")),
+                    "pruned": read_json(ws.input("outputs/prune/metrics.json"))}
+    out_dir = ws.stage_dir()
+    metrics = run_qat(ws.input("outputs/prune/best.pt"), ws.data_yaml(), ws.params, out_dir, float_models)
+    gate = publish(ws, files={"model_int8.onnx": out_dir / "model_int8.onnx"}, primary="model_int8.onnx",
+                   metrics=metrics, gates=ws.params.qat.gates, reference=best_float_model(float_models)[1],
+                   reference_latency_ms=metrics["reference_fp32_latency_ms"])
+    return {"metrics": metrics, "gate": gate}
+
+
+CHOICE_RULE = ("of the candidates that pass every gate, the fastest whose mAP50-95 is within choice_tolerance of "
+               "the most accurate passing one; if none passes, the most accurate (and the stage fails)")
+
+
+def choose_candidate(candidates: dict[str, dict], tolerance: float) -> tuple[str, dict]:
+    """(chosen name, why) by CHOICE_RULE. Candidates need "passed" and metrics' "map50_95" and "latency_ms"."""
+    passing = [n for n, c in candidates.items() if c["passed"]]
+    accuracy = {n: c["metrics"]["map50_95"] for n, c in candidates.items()}
+    if not passing:
+        chosen = max(candidates, key=accuracy.get)
+        return chosen, {"rule": CHOICE_RULE, "passing": [], "chosen": chosen,
+                        "why": "no candidate passes its gates: the most accurate is kept for the record"}
+    most_accurate = max(passing, key=accuracy.get)
+    eligible = [n for n in passing if accuracy[n] >= accuracy[most_accurate] - tolerance]
+    chosen = min(eligible, key=lambda n: (candidates[n]["metrics"]["latency_ms"], -accuracy[n]))
+    why = (f"{chosen} is the most accurate passing candidate and the fastest within {tolerance} of it"
+           if chosen == most_accurate else
+           f"{chosen} is the fastest passing candidate within {tolerance} mAP50-95 of the most accurate, "
+           f"{most_accurate} ({accuracy[chosen]:.4f} vs {accuracy[most_accurate]:.4f}; "
+           f"{candidates[chosen]['metrics']['latency_ms']:.2f} vs "
+           f"{candidates[most_accurate]['metrics']['latency_ms']:.2f} ms)")
+    return chosen, {"rule": CHOICE_RULE, "tolerance": tolerance, "passing": passing, "eligible": eligible,
+                    "most_accurate": most_accurate, "chosen": chosen, "why": why}
+
+
 def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
-            trained_metrics: dict, pruned_metrics: dict) -> dict:
+            float_models: dict[str, dict]) -> dict:
     """Fine-tune with fake quantization, build every INT8 candidate, measure them, pick the gate winner.
 
     Writes out_dir/{qat_int8.onnx, qat_qsilu_int8.onnx, qat_relu_int8.onnx, ptq_int8.onnx} (as the
-    activation setting allows), qat_model.pt (fake-quant torch model for the parity check),
-    pruned_fp32.onnx (the reference), model_int8.onnx (chosen), candidates.json and metrics.json.
+    activation setting allows) and their torch twins qat_<activation>_model.pt, pruned_fp32.onnx (the
+    reference), model_int8.onnx (the chosen candidate), qat_model.pt (its torch twin: the fake-quant QAT
+    model export's parity check compares with; for a PTQ choice the pruned float model it quantized),
+    candidates.json and metrics.json.
     Returns the metrics.json content; "passed" is False (with reasons) when no candidate passes.
     """
 
     pruned_pt, data_yaml, out_dir = Path(pruned_pt), Path(data_yaml), Path(out_dir)
     if not pruned_pt.is_file():
         raise QatError(f"{pruned_pt}: pruned checkpoint not found")
-    if "map50_95" not in trained_metrics:
-        raise QatError("trained_metrics has no 'map50_95': the accuracy gate needs the trained model's mAP")
+    if not float_models or any("map50_95" not in m for m in float_models.values()):
+        raise QatError("float_models need their 'map50_95': the accuracy gate is relative to the best of them")
+    reference_name, reference_float = best_float_model(float_models)
     q = params.qat
     out_dir.mkdir(parents=True, exist_ok=True)
     calib_images = int8.calibration_image_paths(data_yaml, q.calib_images)
@@ -434,7 +478,6 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
             candidates["ptq_int8"] = {"path": str(path), "method": "ptq", "activation": "silu",
                                       "silu_quantized": False, "quantization": info, "qat_torch_pt": None}
 
-    trained_map = float(trained_metrics["map50_95"])
     for name, candidate in candidates.items():
         candidate["metrics"] = _measure_onnx(Path(candidate["path"]), data_yaml, params)
         if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
@@ -449,20 +492,13 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     for name, candidate in candidates.items():
         m = candidate["metrics"]
         m["eval_latency_ms"], m["latency_ms"] = m["latency_ms"], latencies[name]
-        checks = gates.check(m, q.gates, trained_metrics, reference["latency_ms"])
+        checks = gates.check(m, q.gates, reference_float, reference["latency_ms"])
         candidate["gate_failures"] = gates.failures(checks)
         candidate["passed"] = not candidate["gate_failures"]
 
-    # Fastest among those that pass; if none passes, the most accurate, flagged as failing.
-    passing = [n for n, c in candidates.items() if c["passed"]]
-    if passing:
-        chosen = min(passing, key=lambda n: (candidates[n]["metrics"]["latency_ms"], -candidates[n]["metrics"]["map50_95"]))
-    else:
-        chosen = max(candidates, key=lambda n: candidates[n]["metrics"]["map50_95"])
-    model_int8 = out_dir / "model_int8.onnx"
-    tmp_copy = out_dir / ".model_int8.onnx.tmp"
-    shutil.copyfile(candidates[chosen]["path"], tmp_copy)
-    os.replace(tmp_copy, model_int8)
+    chosen, choice = choose_candidate(candidates, q.choice_tolerance)
+    model_int8 = copy_file(candidates[chosen]["path"], out_dir / "model_int8.onnx")
+    copy_file(candidates[chosen]["qat_torch_pt"] or pruned_pt, out_dir / "qat_model.pt")
 
     write_json(out_dir / "candidates.json", {"reference_pruned_fp32": reference, "candidates": candidates})
     c = candidates[chosen]
@@ -471,14 +507,17 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "chosen": chosen,
         "passed": c["passed"],
         "gate_failures": c["gate_failures"],
-        "why_none_passed": None if passing else {n: cand["gate_failures"] for n, cand in candidates.items()},
-        "model_int8": str(model_int8),
-        "qat_torch_pt": c["qat_torch_pt"],
+        "why_none_passed": None if choice["passing"] else {n: cand["gate_failures"] for n, cand in candidates.items()},
+        "model_int8": model_int8.name,
+        # qat_model.pt is the fake-quant twin of model_int8.onnx only when a QAT candidate was chosen
+        "qat_torch_pt": "qat_model.pt" if c["qat_torch_pt"] else None,
         "qat_torch_map50_95": c.get("qat_torch_map50_95"),  # square letterbox, as in export's parity check
         "parity": c.get("parity"),
-        "trained_map50_95": trained_map,
-        "map_drop_vs_trained": trained_map - c["metrics"]["map50_95"],
-        "pruned_map50_95": pruned_metrics.get("map50_95"),
+        "choice": choice,
+        "accuracy_reference": reference_name,  # the best float model, what max_map_drop is measured against
+        "accuracy_reference_map50_95": reference_float["map50_95"],
+        "map_drop_vs_reference": reference_float["map50_95"] - c["metrics"]["map50_95"],
+        **{f"{name}_map50_95": m["map50_95"] for name, m in float_models.items()},
         "reference_fp32_latency_ms": reference["latency_ms"],
         "reference_fp32_file_mb": reference["file_mb"],
         # Every candidate quantizes the same convs; these stay float, and why (the family's head and attention).

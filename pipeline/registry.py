@@ -64,6 +64,10 @@ class RegistryError(Exception):
     """Anything the user can act on: bad names, missing versions, unreachable store ..."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The store failed in a way a later try may not: a timeout, a dropped connection, throttling, a 5xx."""
+
+
 class ChecksumError(RegistryError):
     """A stored file does not match the sha256 its manifest promises."""
 

@@ -24,17 +24,18 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
-from pipeline.io import sha256_file, write_json, write_text
+from pipeline.io import atomic_write, sha256_file, write_json, write_text
 from pipeline.params import Params
+from pipeline.progress import Progress
 from pipeline import prepare_ultralytics, reparam, surgery
 # in_unit, list_groups, load_model and prune_units are used through this module by its callers and tests
 from pipeline.units import (cached_channel_groups, in_unit, kept_whole, list_groups, load_model, prune_units,  # noqa: F401
                             skipped_units)
+from pipeline.workspace import Workspace
 
 CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
 
@@ -247,10 +248,8 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=math.ceil(len(units) / 30),
               frameon=False, title="unit (layer)", title_fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[int, int]]:
@@ -260,6 +259,43 @@ def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[
         return surgery.count_params_macs(model, imgsz)
 
     return measure
+
+
+def _single_threaded_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def process_pool_map(workers: int):
+    """A builtin-`map` stand-in over `workers` local processes, one torch thread each: small models
+    evaluate faster side by side than one at a time with every core fighting over each. Yields results in
+    order as they come."""
+    def pool_map(function, *iterables):
+        if workers <= 1:
+            yield from map(function, *iterables)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_single_threaded_worker) as pool:
+            yield from pool.map(function, *iterables)
+
+    return pool_map
+
+
+def run(ws: Workspace, map_fn: Callable | None = None) -> dict:
+    """Stage `sensitivity`. `map_fn(function, *iterables)` runs the independent evaluations: local processes
+    from the CLI and DVC, Prefect's task mapping (threads or Dask) in the flow. Paths passed to the evaluations
+    are absolute (the workspace root is), so they may run in other processes or on Dask workers elsewhere."""
+    map_fn = map_fn or process_pool_map(ws.params.orchestration.max_workers)
+    result = run_sensitivity(ws.input("outputs/train/best.pt"), ws.data_yaml(), ws.params, ws.stage_dir(),
+                             map_fn=map_fn, granularity=ws.params.sensitivity.granularity)
+    plan = result["plan"]
+    return {"baseline": result["baseline"], "evaluations": len(result["rows"]),
+            "plan": {k: v for k, v in plan.items() if k != "model"}}
 
 
 def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
@@ -285,11 +321,13 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
     n = len(jobs)
     results = map_fn(evaluate_group, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
                      [u for u, _ in jobs], [r for _, r in jobs])
+    progress = Progress("sensitivity evaluation", n)
     rows = []
     for row in results:
         row = dict(row)
         row["drop"] = round(baseline["map50_95"] - row["map50_95"], 6)
         rows.append(row)
+        progress.step(f"{row['group']} at {row['ratio']:.2f}: drop {row['drop']:+.4f}")
 
     plan = build_plan(rows, baseline, params, measure=_plan_measure(trained_pt, params.train.imgsz))
     plan["model"] = {"checkpoint": str(trained_pt), "sha256": sha256_file(trained_pt), "units": all_units,

@@ -1,232 +1,207 @@
-"""The pipeline's stages bound to their standard paths under `outputs/`.
+"""The stage table: the one place that says which stages exist, in which order, and what each reads and writes.
 
-Each function here is one stage exactly as dvc.yaml, the CLI and the Prefect flow run it: it reads the
-previous stage's outputs, calls the stage's own module, writes `outputs/<stage>/`, and publishes the
-artifact to the registry through its gates. Nothing else decides where files go.
+The CLI's subcommands (`python -m pipeline <stage>`), the Prefect flow's tasks and dvc.yaml all come from
+`STAGES`. A stage is its own module with a `run(ws: Workspace) -> dict` function, its section of params.yaml,
+one entry here and its test; `python -m pipeline dvc-yaml` then rewrites dvc.yaml, whose code deps are the
+modules the stage really imports (`code_deps`), and a test keeps the committed file equal to the generated one.
+
+Paths in `reads`, `outs`, `metrics` and `plots` are relative to the workspace root. A stage may read a file of
+an earlier stage only through `ws.input(path)`, which refuses paths missing from its `reads`; a test checks that
+every read is an output of an earlier stage, so after `dvc pull` every stage finds what it reads.
 """
 from __future__ import annotations
 
-import tempfile
+import ast
+import dataclasses
+import importlib
 from pathlib import Path
+from typing import Callable
 
-from pipeline.io import read_json, write_json
-from pipeline.params import DEMO_DATA_YAML, Params
+from pipeline.workspace import StageBinding, Workspace
 
-DEMO_DIR = Path(DEMO_DATA_YAML).parent
-OUTPUTS = Path("outputs")
-TRAIN_DIR = OUTPUTS / "train"
-SENSITIVITY_DIR = OUTPUTS / "sensitivity"
-PRUNE_DIR = OUTPUTS / "prune"
-QAT_DIR = OUTPUTS / "qat"
-EXPORT_DIR = OUTPUTS / "export"
-GATE_DIR = OUTPUTS / "gate"
-VALIDATE_DIR = OUTPUTS / "validate"
-
-STAGES = ["validate", "train", "sensitivity", "prune", "qat", "export", "gate"]
-# The registry alias each model-producing stage moves when its gates pass, in lineage order.
-ALIASES = {"train": "trained", "prune": "pruned", "qat": "qat", "export": "exported"}
+PACKAGE_DIR = Path(__file__).resolve().parent
+DATA_DIR_DEP = "${data.dir}"  # dvc.yaml's reference to params' data.dir: the dataset folder
 
 
-class StageInputMissing(FileNotFoundError):
-    pass
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str  # "module:function", imported when the stage runs so the CLI starts without torch
+    help: str
+    params: tuple[str, ...]  # params.yaml sections or keys it reads
+    reads: tuple[str, ...] = ()  # files of earlier stages
+    outs: tuple[str, ...] = ()  # large outputs, cached by DVC
+    metrics: tuple[str, ...] = ()  # small JSON outputs kept in git
+    plots: tuple[str | tuple[str, dict], ...] = ()  # path, or (path, dvc plot options)
+    uncached: tuple[str, ...] = ()  # other small outputs kept in git (reports)
+    alias: str | None = None  # the registry alias it moves when its gates pass
+    parent: str | None = None  # the alias of the model its artifact is derived from (lineage)
+    reads_data: bool = True  # depends on the dataset folder
+    fans_out: bool = False  # its independent evaluations run as mapped tasks in the flow (`run(ws, map_fn)`)
+
+    @property
+    def module(self) -> str:
+        return self.entry.split(":")[0]
+
+    def function(self) -> Callable[..., dict]:
+        module, name = self.entry.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
-def _require(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise StageInputMissing(f"{path}: missing; run `python -m pipeline {stage}` first")
-    return path
+STAGES: list[Stage] = [
+    Stage("demo", "pipeline.demo_data:run", "generate the built-in demo dataset into data/demo",
+          params=("data.demo",), outs=("data/demo",), reads_data=False),
+    Stage("validate", "pipeline.validate:run", "check the dataset with Great Expectations; stops on bad data",
+          params=("data.yaml", "validate"), metrics=("outputs/validate/summary.json",),
+          uncached=("outputs/validate/report.html",)),
+    Stage("train", "pipeline.train:run", "train a YOLO model from its model YAML; registers best.pt",
+          params=("data.yaml", "train", "evaluate", "export.opset"),
+          reads=("outputs/validate/summary.json",), outs=("outputs/train/best.pt",),
+          metrics=("outputs/train/metrics.json", "outputs/train/gate.json"),
+          plots=(("outputs/train/curves.csv", {"x": "epoch"}), "outputs/train/curves.png"), alias="trained"),
+    Stage("control", "pipeline.control:run",
+          "the fair FP32 baseline: the trained model fine-tuned as long as compression fine-tunes, nothing removed",
+          params=("data.yaml", "train", "evaluate", "export.opset", "control", "prune.steps", "prune.epochs_per_step",
+                  "qat.epochs"),
+          reads=("outputs/train/best.pt", "outputs/train/metrics.json"), outs=("outputs/control/best.pt",),
+          metrics=("outputs/control/metrics.json", "outputs/control/gate.json"), alias="control", parent="trained"),
+    Stage("sensitivity", "pipeline.sensitivity:run",
+          "prune each layer alone at each ratio, measure the mAP drop, write a pruning plan",
+          params=("data.yaml", "train.imgsz", "evaluate", "sensitivity"),
+          reads=("outputs/train/best.pt",), outs=("outputs/sensitivity/plan.json",),
+          metrics=("outputs/sensitivity/sensitivity.json",),
+          plots=(("outputs/sensitivity/sensitivity.csv", {"template": "scatter", "x": "ratio", "y": "drop"}),
+                 "outputs/sensitivity/curves.csv", "outputs/sensitivity/plot.png"),
+          fans_out=True),
+    Stage("prune", "pipeline.prune:run",
+          "apply the plan with Torch-Pruning in steps, fine-tuning after each; registers best.pt",
+          params=("data.yaml", "train", "evaluate", "export.opset", "prune"),
+          reads=("outputs/train/best.pt", "outputs/train/metrics.json", "outputs/sensitivity/plan.json"),
+          outs=("outputs/prune/best.pt",),
+          metrics=("outputs/prune/metrics.json", "outputs/prune/gate.json", "outputs/prune/steps.json"),
+          alias="pruned", parent="trained"),
+    Stage("qat", "pipeline.qat:run",
+          "quantization-aware fine-tuning; INT8 ONNX candidates (QAT and PTQ), the gate picks one",
+          params=("data.yaml", "train", "evaluate", "export.opset", "export.simplify", "qat"),
+          reads=("outputs/control/metrics.json", "outputs/prune/best.pt", "outputs/prune/metrics.json"),
+          outs=("outputs/qat/model_int8.onnx", "outputs/qat/pruned_fp32.onnx", "outputs/qat/qat_model.pt"),
+          metrics=("outputs/qat/metrics.json", "outputs/qat/gate.json", "outputs/qat/candidates.json"),
+          alias="qat", parent="pruned"),
+    Stage("export", "pipeline.export:run",
+          "the deployable INT8 ONNX: simplified, Ultralytics metadata, loads and predicts, parity with QAT",
+          params=("data.yaml", "train.imgsz", "evaluate", "export"),
+          reads=("outputs/train/metrics.json", "outputs/qat/model_int8.onnx", "outputs/qat/pruned_fp32.onnx",
+                 "outputs/qat/qat_model.pt", "outputs/qat/metrics.json"),
+          outs=("outputs/export/model.onnx",), metrics=("outputs/export/metrics.json", "outputs/export/gate.json"),
+          alias="exported", parent="qat"),
+    Stage("gate", "pipeline.gates:run_acceptance",
+          "acceptance gate: thresholds and champion/challenger, then promote to production",
+          params=("data.yaml", "train.imgsz", "evaluate", "gate"),
+          reads=("outputs/control/metrics.json", "outputs/prune/metrics.json", "outputs/export/model.onnx",
+                 "outputs/export/metrics.json"),
+          metrics=("outputs/gate/report.json",), alias="production", parent="exported"),
+]
+
+STAGE_NAMES = [stage.name for stage in STAGES]
+# The stages a whole run goes through; `demo` only makes data, which `ws.data_yaml()` does on first use anyway.
+RUN_STAGES = [stage for stage in STAGES if stage.name != "demo"]
 
 
-def data_yaml(params: Params) -> Path:
-    """The dataset's data.yaml; the built-in demo dataset is generated on first use."""
-    path = Path(params.data.yaml)
-    if params.data.yaml == DEMO_DATA_YAML:
-        from pipeline.demo_data import generate_demo
-
-        return generate_demo(DEMO_DIR, params.data.demo)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such data.yaml (set data.yaml in params.yaml or pass --data)")
-    return path
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
 
 
-def dataset_hash(params: Params) -> str:
-    from pipeline.dataset import dataset_hash as content_hash, load_data_yaml
-
-    return content_hash(load_data_yaml(data_yaml(params)))
-
-
-def demo(params: Params) -> dict:
-    """Always (re)writes the demo dataset in data/demo, whatever data.yaml points at: dvc.yaml's
-    `demo` stage owns that folder."""
-    from pipeline.demo_data import generate_demo
-
-    return {"data_yaml": str(generate_demo(DEMO_DIR, params.data.demo))}
+def run_stage(stage: Stage | str, ws: Workspace, **kwargs) -> dict:
+    """Run one stage on `ws`, allowed to read exactly its declared inputs."""
+    stage = stage_named(stage) if isinstance(stage, str) else stage
+    binding = StageBinding(stage.name, stage.reads, stage.alias, stage.parent)
+    return stage.function()(ws.for_stage(binding), **kwargs)
 
 
-def validate(params: Params) -> dict:
-    from pipeline.validate import validate as run_validation
-
-    result = run_validation(data_yaml(params), params.validate_, VALIDATE_DIR)
-    return {"success": result.success, "expectations": len(result.expectations), **result.stats}
+# -------------------------------------------------------------------------------------------- dvc.yaml
 
 
-def train(params: Params) -> dict:
-    from pipeline.gates import publish
-    from pipeline.train import train as run_training
-
-    metrics = run_training(data_yaml(params), params, TRAIN_DIR)
-    gate = publish(params, stage="train", alias=ALIASES["train"], files={"best.pt": TRAIN_DIR / "best.pt"},
-                   primary="best.pt", metrics=metrics, gates=params.train.gates,
-                   dataset_hash=dataset_hash(params), out_dir=TRAIN_DIR)
-    return {"metrics": metrics, "gate": gate}
+def module_file(module: str) -> Path:
+    return PACKAGE_DIR.parent / (module.replace(".", "/") + ".py")
 
 
-def _single_threaded_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def process_pool_map(workers: int):
-    """A builtin-`map` stand-in over `workers` local processes, one torch thread each: small models
-    evaluate faster side by side than one at a time with every core fighting over each."""
-    def pool_map(function, *iterables):
-        if workers <= 1:
-            return list(map(function, *iterables))
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_single_threaded_worker) as pool:
-            return list(pool.map(function, *iterables))
-
-    return pool_map
+def _imported_modules(module: str) -> set[str]:
+    """Modules of our package that `module` imports anywhere in its source (lazy imports inside functions too)."""
+    tree = ast.parse(module_file(module).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from pipeline import surgery` imports the module pipeline.surgery
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    package = module.split(".")[0]
+    return {name for name in found if name.split(".")[0] == package and module_file(name).is_file()}
 
 
-def sensitivity(params: Params, map_fn=None) -> dict:
-    """`map_fn(function, *iterables)` runs the independent evaluations: local processes from the CLI and
-    DVC, Prefect's task mapping (threads or Dask) in the flow."""
-    from pipeline.sensitivity import run_sensitivity
-
-    map_fn = map_fn or process_pool_map(params.orchestration.max_workers)
-    # Absolute paths: evaluations may run in other processes or on Dask workers elsewhere (same mount).
-    result = run_sensitivity(_require(TRAIN_DIR / "best.pt", "train").resolve(), data_yaml(params).resolve(),
-                             params, SENSITIVITY_DIR, map_fn=map_fn, granularity=params.sensitivity.granularity)
-    plan = result["plan"]
-    return {"baseline": result["baseline"], "evaluations": len(result["rows"]),
-            "plan": {k: v for k, v in plan.items() if k not in ("model",)}}
-
-
-def prune(params: Params) -> dict:
-    from pipeline.gates import publish
-    from pipeline.prune import run_prune
-
-    metrics = run_prune(_require(TRAIN_DIR / "best.pt", "train"),
-                        _require(SENSITIVITY_DIR / "plan.json", "sensitivity"), data_yaml(params), params, PRUNE_DIR)
-    gate = publish(params, stage="prune", alias=ALIASES["prune"], files={"best.pt": PRUNE_DIR / "best.pt"},
-                   primary="best.pt", metrics=metrics, gates=params.prune.gates, dataset_hash=dataset_hash(params),
-                   out_dir=PRUNE_DIR, parent_alias=ALIASES["train"], reference=read_json(TRAIN_DIR / "metrics.json"))
-    return {"metrics": metrics, "gate": gate}
+def code_deps(module: str) -> list[str]:
+    """Source files of every module of our package that `module` needs, itself included, transitively;
+    the package's __init__ (run by every import) too. Paths relative to the repository root, sorted."""
+    seen: set[str] = set()
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        pending.extend(_imported_modules(name) - seen)
+    package = module.split(".")[0]
+    seen.add(package)  # pipeline/__init__.py
+    files = {module_file(name) if name != package else PACKAGE_DIR.parent / package / "__init__.py" for name in seen}
+    return sorted(str(path.relative_to(PACKAGE_DIR.parent)) for path in files)
 
 
-def qat(params: Params) -> dict:
-    from pipeline.gates import publish
-    from pipeline.qat import run_qat
-
-    trained = read_json(_require(TRAIN_DIR / "metrics.json", "train"))
-    pruned = read_json(_require(PRUNE_DIR / "metrics.json", "prune"))
-    metrics = run_qat(_require(PRUNE_DIR / "best.pt", "prune"), data_yaml(params), params, QAT_DIR, trained, pruned)
-    gate = publish(params, stage="qat", alias=ALIASES["qat"], files={"model_int8.onnx": QAT_DIR / "model_int8.onnx"},
-                   primary="model_int8.onnx", metrics=metrics, gates=params.qat.gates,
-                   dataset_hash=dataset_hash(params), out_dir=QAT_DIR, parent_alias=ALIASES["prune"],
-                   reference=trained, reference_latency_ms=metrics["reference_fp32_latency_ms"])
-    return {"metrics": metrics, "gate": gate}
+def _out_entries(stage: Stage) -> tuple[list, list, list]:
+    outs = [*stage.outs, *({path: {"cache": False}} for path in stage.uncached)]
+    metrics = [{path: {"cache": False}} for path in stage.metrics]
+    plots = []
+    for plot in stage.plots:
+        path, options = (plot, {}) if isinstance(plot, str) else plot
+        plots.append({path: {"cache": False, **options}})
+    return outs, metrics, plots
 
 
-def export(params: Params) -> dict:
-    """The deployable INT8 ONNX: the qat stage's choice, simplified, with Ultralytics' metadata, checked
-    to load and predict in Ultralytics, and (for a QAT model) checked against its torch twin."""
-    from pipeline.evaluate import evaluate
-    from pipeline.export import check_loads_and_predicts
-    from pipeline.gates import publish
-    from pipeline.int8 import PARITY_TOLERANCE, finalize_int8, parity_check
-
-    model = EXPORT_DIR / "model.onnx"
-    qat_metrics = read_json(_require(QAT_DIR / "metrics.json", "qat"))
-    kernels = finalize_int8(_require(QAT_DIR / "model_int8.onnx", "qat"), QAT_DIR / "pruned_fp32.onnx", model,
-                            simplify=params.export.simplify)
-    check_loads_and_predicts(model, data_yaml(params), params.train.imgsz)
-    metrics = evaluate(model, data_yaml(params), params)
-    metrics["integer_kernels"] = kernels
-    extra_checks = []
-    if qat_metrics.get("qat_torch_pt"):
-        parity = parity_check(model, qat_metrics["qat_torch_pt"], data_yaml(params), params)
-        metrics["parity"] = parity
-        extra_checks.append({"gate": "parity_with_qat_torch_model", "value": round(parity["abs_diff"], 6),
-                             "limit": PARITY_TOLERANCE, "passed": parity["passed"]})
-    write_json(EXPORT_DIR / "metrics.json", metrics)
-    gate = publish(params, stage="export", alias=ALIASES["export"], files={"model.onnx": model}, primary="model.onnx",
-                   metrics=metrics, gates=params.export.gates, dataset_hash=dataset_hash(params),
-                   out_dir=EXPORT_DIR, parent_alias=ALIASES["qat"], reference=read_json(TRAIN_DIR / "metrics.json"),
-                   extra_checks=extra_checks)
-    return {"metrics": metrics, "gate": gate}
+def dvc_stages() -> dict:
+    """dvc.yaml's `stages:` mapping, from the table."""
+    stages = {}
+    for stage in STAGES:
+        deps = ([DATA_DIR_DEP] if stage.reads_data else []) + code_deps(stage.module) + list(stage.reads)
+        entry = {"cmd": f"bin/pipeline {stage.name}", "deps": deps, "params": list(stage.params)}
+        outs, metrics, plots = _out_entries(stage)
+        for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):
+            if value:
+                entry[key] = value
+        stages[stage.name] = entry
+    return stages
 
 
-def gate(params: Params) -> dict:
-    """Acceptance: absolute thresholds, then champion/challenger against the current production model."""
-    from pipeline.evaluate import evaluate
-    from pipeline.gates import GateFailed, check, format_report
-    from pipeline.params import StageGates
-    from pipeline.registry import open_registry
+DVC_PLOTS = [
+    {"training mAP": {"template": "linear", "x": "epoch",
+                      "y": {"outputs/train/curves.csv": ["metrics/mAP50-95(B)", "metrics/mAP50(B)"]}}},
+    {"training loss": {"x": "epoch",
+                       "y": {"outputs/train/curves.csv": ["train/box_loss", "train/cls_loss", "train/dfl_loss"]}}},
+]
 
-    g = params.gate
-    registry = open_registry(params.registry)
-    candidate_version = registry.alias("exported")
-    if candidate_version is None:
-        raise StageInputMissing("registry has no 'exported' model; run `python -m pipeline export` first")
-    candidate = registry.manifest(candidate_version)
-    metrics = read_json(_require(EXPORT_DIR / "metrics.json", "export"))
-    if metrics.get("file_bytes") != candidate.files[candidate.primary].bytes:
-        raise StageInputMissing(f"{EXPORT_DIR / 'metrics.json'} does not describe registry version "
-                                f"{candidate_version}; rerun `python -m pipeline export`")
-    checks = check(metrics, StageGates(min_map50_95=g.min_map50_95, max_file_mb=g.max_file_mb,
-                                       max_latency_ms=g.max_latency_ms))
-    champion = registry.alias("production")
-    champion_metrics = None
-    if champion is not None and champion != candidate_version:
-        with tempfile.TemporaryDirectory(prefix="champion-") as tmp:
-            files = registry.fetch(champion, Path(tmp))  # sha256-verified before anything loads it
-            champion_manifest = registry.manifest(champion)
-            champion_metrics = evaluate(files[champion_manifest.primary], data_yaml(params), params,
-                                        latency=False)
-        floor = champion_metrics["map50_95"] - g.champion_tolerance
-        checks.append({"gate": f"not_worse_than_production_v{champion}", "value": metrics["map50_95"],
-                       "limit": round(floor, 6), "passed": metrics["map50_95"] >= floor})
-    report = {"stage": "gate", "alias": "production", "version": candidate_version,
-              "passed": all(c["passed"] for c in checks), "checks": checks,
-              "production_before": champion, "champion_metrics": champion_metrics, "candidate_metrics": metrics}
-    write_json(GATE_DIR / "report.json", report)
-    registry.set_alias("candidate", candidate_version, reason="acceptance gate evaluated")
-    if not report["passed"]:
-        raise GateFailed(report)
-    if champion != candidate_version:
-        registry.set_alias("production", candidate_version, reason=format_report(report))
-    return report
+DVC_YAML_HEADER = """\
+# Generated from the stage table in pipeline/stages.py by `python -m pipeline dvc-yaml`; do not edit by hand
+# (tests/test_stages_table.py fails when this file and the table disagree).
+# `dvc repro` runs the same stage functions as `python -m pipeline run`, through the same CLI; bin/pipeline
+# picks the project's interpreter whatever `python` the shell would find. Each stage lists exactly the code it
+# imports, the files of earlier stages it reads, the params it reads, and what it writes.
+"""
 
 
-def bench(params: Params) -> dict:
-    """Benchmark table (pipeline/bench.py); runs the pipeline first where its outputs are missing."""
-    from pipeline.bench import bench as run_bench
+def dvc_yaml_text() -> str:
+    import yaml
 
-    needed = [TRAIN_DIR / "best.pt", PRUNE_DIR / "best.pt", EXPORT_DIR / "model.onnx"]
-    if not all(path.exists() for path in needed):
-        for name in STAGES[:STAGES.index("export") + 1]:
-            STAGE_FUNCTIONS[name](params)
-    result = run_bench(params, data_yaml(params), TRAIN_DIR, PRUNE_DIR, EXPORT_DIR / "model.onnx")
-    print(result["markdown"])
-    return {"rows": result["rows"]}
-
-
-STAGE_FUNCTIONS = {"demo": demo, "validate": validate, "train": train, "sensitivity": sensitivity, "prune": prune,
-                   "qat": qat, "export": export, "gate": gate}
+    body = yaml.safe_dump({"stages": dvc_stages(), "plots": DVC_PLOTS}, sort_keys=False, width=120)
+    return DVC_YAML_HEADER + body

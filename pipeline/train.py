@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import shutil
 from pathlib import Path
 
@@ -9,12 +10,25 @@ import yaml
 
 from pipeline import prepare_ultralytics
 from pipeline.evaluate import evaluate
-from pipeline.io import write_json
+from pipeline.io import atomic_write, copy_file, write_json, write_text
 from pipeline.params import Params, TrainParams
+from pipeline.progress import log_ultralytics_epochs
+from pipeline.workspace import Workspace
 
 
 class TrainError(RuntimeError):
     pass
+
+
+def run(ws: Workspace) -> dict:
+    """Stage `train`: best.pt, metrics and curves in outputs/train; registers best.pt as `trained`."""
+    from pipeline.gates import publish
+
+    out_dir = ws.stage_dir()
+    metrics = train(ws.data_yaml(), ws.params, out_dir)
+    gate = publish(ws, files={"best.pt": out_dir / "best.pt"}, primary="best.pt", metrics=metrics,
+                   gates=ws.params.train.gates)
+    return {"metrics": metrics, "gate": gate}
 
 
 def model_yaml(p: TrainParams, out_dir: Path) -> Path:
@@ -58,7 +72,7 @@ def plot_curves(results_csv: Path, out_png: Path) -> None:
             ax_map.plot(epochs, [r[key] for r in rows], label=key.split("/")[1])
     ax_map.set_xlabel("epoch"), ax_map.set_title("validation"), ax_map.set_ylim(0, 1), ax_map.legend()
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 
@@ -66,10 +80,11 @@ def write_curves(results_csv: Path, out_csv: Path) -> None:
     """A tidy copy of Ultralytics' results.csv (stripped headers) that `dvc plots` reads."""
     with results_csv.open() as f:
         rows = [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
-    with out_csv.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_csv, buffer.getvalue())
 
 
 def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
@@ -83,11 +98,13 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir / "ultralytics"
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = model_yaml(p, out_dir)
+    run_dir.mkdir(parents=True)
+    cfg = model_yaml(p, run_dir)  # a scaled copy is a working file: it goes with run_dir, not into the outputs
     try:
         model = YOLO(str(cfg), task="detect")
     except FileNotFoundError as e:
         raise TrainError(f"train.model {p.model!r}: no such model YAML ({e})") from None
+    log_ultralytics_epochs(model, "train")
     model.train(data=str(data_yaml), imgsz=p.imgsz, epochs=p.epochs, batch=p.batch, seed=p.seed,
                 deterministic=True, device=p.device, patience=p.patience, workers=p.workers, lr0=p.lr0,
                 optimizer=p.optimizer, mosaic=p.mosaic, close_mosaic=p.close_mosaic,
@@ -97,10 +114,7 @@ def train(data_yaml: str | Path, params: Params, out_dir: str | Path) -> dict:
     best = run_dir / "weights" / "best.pt"
     if not best.exists():
         raise TrainError(f"{best}: training finished without a best checkpoint")
-    # Ultralytics strips the optimizer from best.pt at the end of training; copy it atomically.
-    staged = out_dir / "best.pt.tmp"
-    shutil.copyfile(best, staged)
-    staged.replace(out_dir / "best.pt")
+    copy_file(best, out_dir / "best.pt")  # Ultralytics stripped the optimizer from it at the end of training
     results_csv = run_dir / "results.csv"
     write_curves(results_csv, out_dir / "curves.csv")
     plot_curves(results_csv, out_dir / "curves.png")

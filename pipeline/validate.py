@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ import pandas as pd
 
 from pipeline.dataset import (DatasetError, DatasetSpec, box_table, dataset_hash, image_table,
                               load_data_yaml)
+from pipeline.io import write_text
 from pipeline.params import ValidateParams
+from pipeline.workspace import Workspace
 
 # Labels written with 6 decimals can put an edge at 1.0000005; that is rounding, not a bad box.
 EDGE_TOLERANCE = 1e-4
@@ -54,6 +55,12 @@ class ValidationResult:
 
     def __post_init__(self):
         self.failed = [e for e in self.expectations if not e.success]
+
+
+def run(ws: Workspace) -> dict:
+    """Stage `validate`: summary.json and report.html in outputs/validate; ValidationFailed on bad data."""
+    result = validate(ws.data_yaml(), ws.params.validate_, ws.stage_dir())
+    return {"success": result.success, "expectations": len(result.expectations), **result.stats}
 
 
 def validate(data_yaml: Path, p: ValidateParams, out_dir: Path) -> ValidationResult:
@@ -269,21 +276,8 @@ def _write_outputs(result: ValidationResult, out_dir: Path) -> None:
         "stats": result.stats,
         "seconds": result.seconds,
     }
-    _write_atomic(result.summary_path, json.dumps(summary, indent=2) + "\n")
-    _write_atomic(result.report_path, _report_html(result))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text(result.summary_path, json.dumps(summary, indent=2) + "\n")
+    write_text(result.report_path, _report_html(result))
 
 
 def _report_html(result: ValidationResult) -> str:

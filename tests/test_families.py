@@ -97,25 +97,26 @@ def test_family_builds_prunes_quantizes_and_exports(model_yaml, tiny_data, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_yaml", FAMILIES)
-def test_family_through_every_stage(model_yaml, tmp_path, monkeypatch):
+def test_family_through_every_stage(model_yaml, tmp_path):
     """The whole pipeline on 24 generated images at 64 px, width 0.125, one epoch, open gates."""
     from conftest import write_tiny_params
-    from pipeline import stages
     from pipeline.io import read_json
-    from pipeline.params import load_params
+    from pipeline.stages import RUN_STAGES, run_stage
+    from pipeline.workspace import Workspace
 
-    monkeypatch.chdir(tmp_path)
-    params = load_params(write_tiny_params(tmp_path, {"train": {"model": model_yaml}}))
-    for name in stages.STAGES:
-        stages.STAGE_FUNCTIONS[name](params)
+    write_tiny_params(tmp_path, {"train": {"model": model_yaml}})
+    ws = Workspace.load(tmp_path)
+    for stage in RUN_STAGES:
+        run_stage(stage, ws)
 
-    plan = read_json(Path("outputs/sensitivity/plan.json"))
-    assert plan["reparam"]["blocks_fused"] > 0 if model_yaml == "yolov9t.yaml" else plan["reparam"]["blocks_fused"] == 0
-    assert read_json(Path("outputs/prune/metrics.json"))["params_reduction"] > 0
-    qat_metrics = read_json(Path("outputs/qat/metrics.json"))
+    outputs = tmp_path / "outputs"
+    fused = read_json(outputs / "sensitivity/plan.json")["reparam"]["blocks_fused"]
+    assert fused > 0 if model_yaml == "yolov9t.yaml" else fused == 0
+    assert read_json(outputs / "prune/metrics.json")["params_reduction"] > 0
+    qat_metrics = read_json(outputs / "qat/metrics.json")
     assert qat_metrics["integer_convs"] > 0 and qat_metrics["float_layers"]
-    assert read_json(Path("outputs/gate/report.json"))["passed"]
-    assert os.path.getsize("outputs/export/model.onnx") > 0
+    assert read_json(outputs / "gate/report.json")["passed"]
+    assert os.path.getsize(outputs / "export/model.onnx") > 0
 
 
 def test_family_table_says_what_was_applied_and_where_a_run_stopped(tmp_path):
@@ -144,12 +145,13 @@ def test_family_table_says_what_was_applied_and_where_a_run_stopped(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_families_runs_the_pipeline_per_family(tmp_path, monkeypatch):
+def test_bench_families_runs_the_pipeline_per_family(tmp_path):
     from conftest import write_tiny_params
     from pipeline import families
+    from pipeline.workspace import Workspace
 
-    monkeypatch.chdir(tmp_path)
-    result = families.bench_families(write_tiny_params(tmp_path), ["yolo11n.yaml"], runs=3)
+    write_tiny_params(tmp_path)
+    result = families.bench_families(Workspace.load(tmp_path), ["yolo11n.yaml"], runs=3)
 
     (row,) = result["rows"]
     assert row["run"]["returncode"] == 0 and row["stopped"] is None

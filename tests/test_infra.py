@@ -1,13 +1,11 @@
 """infra/ without a Docker engine or a cluster: everything that can be checked by reading the files.
 
 The image installs the project exactly as the README does; the compose file wires server, database, MinIO
-and worker together; the Kubernetes manifests and the work pool's base job template fit each other and
-prefect.yaml; prefect.yaml is what Prefect's own loader accepts, and its deployments match the flow and
-params.yaml.
+and worker together; the Kubernetes manifests and the work pool's base job template fit each other and the
+Kubernetes deployment command of infra/README.md (the deployment is defined once, in flows/scheduled.py).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shlex
@@ -102,7 +100,7 @@ def test_image_copies_what_the_install_and_the_flows_need():
         if instruction == "COPY":
             sources = [a for a in args.split() if not a.startswith("--")][:-1]
             copied.update(sources)
-    for needed in ("pyproject.toml", "pipeline", "flows", "params.yaml", "prefect.yaml"):
+    for needed in ("pyproject.toml", "requirements.lock", "pipeline", "flows", "params.yaml"):
         assert needed in copied, f"infra/Dockerfile does not COPY {needed}"
     for source in copied:
         assert (REPO / source).exists(), f"infra/Dockerfile copies {source}, which is not in the repository"
@@ -111,7 +109,7 @@ def test_image_copies_what_the_install_and_the_flows_need():
     assert "**/.venv" in ignored  # the virtual environment (GBs) must never be sent as build context
     assert not copied & set(ignored), "a COPY source is excluded by infra/Dockerfile.dockerignore"
     workdir = [args for instruction, args in instructions if instruction == "WORKDIR"]
-    assert workdir == ["/opt/pipeline"], "prefect.yaml's pull step and the compose deploy expect /opt/pipeline"
+    assert workdir == ["/opt/pipeline"], "the compose deploy expects the code in /opt/pipeline"
 
 
 # --------------------------------------------------------------------------------------------- docker compose
@@ -197,14 +195,21 @@ def job_template():
 
 
 @pytest.fixture(scope="module")
-def prefect_yaml():
-    from prefect.cli.deploy._models import PrefectYamlModel
+def k8s_deploy():
+    """The Kubernetes deployment command of infra/README.md, parsed by flows.scheduled's own parser."""
+    from flows.scheduled import build_parser, job_variables_from
 
-    raw = load_yaml(REPO / "prefect.yaml")
-    return PrefectYamlModel.model_validate(raw)  # Prefect's own loader for prefect.yaml
+    text = (INFRA / "README.md").read_text()
+    commands = [line.strip().rstrip("\\").strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.replace("\\\n", " ").splitlines() if "flows.scheduled --deploy" in line]
+    k8s_commands = [c for c in commands if "--image" in c]
+    assert len(k8s_commands) == 1, f"infra/README.md: expected one --deploy --image command, found {k8s_commands}"
+    command = k8s_commands[0]
+    args = build_parser().parse_args(shlex.split(command[command.index("--deploy"):], comments=True))
+    return args, job_variables_from(args.job_variable)
 
 
-def test_k8s_worker_manifests(k8s, prefect_yaml):
+def test_k8s_worker_manifests(k8s, k8s_deploy):
     kinds = {kind for kind, _ in k8s}
     assert {"Namespace", "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
             "Deployment"} <= kinds
@@ -215,8 +220,7 @@ def test_k8s_worker_manifests(k8s, prefect_yaml):
     command = worker["containers"][0]["command"]
     assert command[:3] == ["prefect", "worker", "start"]
     assert command[command.index("--type") + 1] == "kubernetes"
-    k8s_pools = {d.work_pool.name for d in prefect_yaml.deployments if d.name.endswith("-k8s")}
-    assert k8s_pools == {command[command.index("--pool") + 1]}
+    assert k8s_deploy[0].pool == command[command.index("--pool") + 1]
     assert ("ServiceAccount", worker["serviceAccountName"]) in k8s
 
     rules = k8s[("Role", "prefect-worker")]["rules"]
@@ -227,20 +231,21 @@ def test_k8s_worker_manifests(k8s, prefect_yaml):
     assert "PREFECT_API_URL" in k8s[("ConfigMap", "edge-yolo-pipeline")]["data"]
 
 
-def test_k8s_base_job_template_resolves_and_fits_the_manifests(job_template, k8s, prefect_yaml):
+def test_k8s_base_job_template_resolves_and_fits_the_manifests(job_template, k8s, k8s_deploy):
     from prefect.utilities.templating import apply_values, find_placeholders
 
     configuration, variables = job_template["job_configuration"], job_template["variables"]["properties"]
     used = {p.name for p in find_placeholders(configuration)}
     assert used <= set(variables), f"placeholders without a variable: {used - set(variables)}"
 
-    # What a flow run's job looks like: the defaults, plus what Prefect fills in, plus prefect.yaml's values.
-    k8s_deployment = next(d for d in prefect_yaml.deployments if d.name.endswith("-k8s"))
+    # What a flow run's job looks like: the defaults, plus what Prefect fills in, plus the deployment's values.
+    args, job_variables = k8s_deploy
+    job_variables = {**job_variables, "image": args.image}
     values = {name: spec["default"] for name, spec in variables.items() if "default" in spec}
     values.update(name="flow-run-x", command="prefect flow-run execute", env={"PREFECT__FLOW_RUN_ID": "x"},
                   labels={"app": "edge-yolo"}, job_watch_timeout_seconds=None)
-    assert set(k8s_deployment.work_pool.job_variables) <= set(variables)
-    values.update(k8s_deployment.work_pool.job_variables)
+    assert set(job_variables) <= set(variables)
+    values.update(job_variables)
     job = apply_values(configuration["job_manifest"], values)
     assert not find_placeholders(job), f"unresolved: {find_placeholders(job)}"
 
@@ -250,40 +255,9 @@ def test_k8s_base_job_template_resolves_and_fits_the_manifests(job_template, k8s
     assert job["metadata"]["namespace"] == next(name for kind, name in k8s if kind == "Namespace")
     assert ("ServiceAccount", pod["serviceAccountName"]) in k8s
     container = pod["containers"][0]
-    assert container["image"] == k8s_deployment.work_pool.job_variables["image"]
+    assert container["image"] == args.image
     assert ("ConfigMap", container["envFrom"][0]["configMapRef"]["name"]) in k8s
     claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
     assert ("PersistentVolumeClaim", claim) in k8s
     assert {"name": "workspace", "mountPath": "/workspace"} in container["volumeMounts"]
-    assert k8s_deployment.parameters["workspace"] == "/workspace"
-
-
-# ----------------------------------------------------------------------------------------------- prefect.yaml
-
-
-def test_prefect_yaml_deployments_match_the_flow_and_params(prefect_yaml):
-    from flows import scheduled
-    from pipeline.params import load_params
-
-    params = load_params(REPO / "params.yaml")
-    flow_parameters = set(inspect.signature(scheduled.scheduled_retraining.fn).parameters)
-    pull = prefect_yaml.pull[0]["prefect.deployments.steps.set_working_directory"]["directory"]
-    assert pull == "/opt/pipeline"
-    assert prefect_yaml.deployments, "prefect.yaml: no deployments"
-    for d in prefect_yaml.deployments:
-        path, function = d.entrypoint.split(":")
-        assert (REPO / path).is_file() and function == scheduled.scheduled_retraining.fn.__name__
-        assert d.entrypoint == scheduled.ENTRYPOINT
-        assert set(d.parameters) <= flow_parameters, f"{d.name}: unknown parameters"
-        load_params(REPO / "params.yaml", d.parameters.get("overrides", []))  # the overrides are valid params
-        assert [(s.cron, s.timezone) for s in d.schedules] == \
-            [(params.orchestration.schedule_cron, params.orchestration.timezone)], (
-                f"prefect.yaml {d.name}: schedule differs from params.yaml orchestration")
-        assert (d.concurrency_limit.limit, d.concurrency_limit.collision_strategy) == (1, "ENQUEUE")
-        assert d.work_pool.name
-
-
-def test_compose_pool_is_a_prefect_yaml_pool(compose, prefect_yaml):
-    worker_command = compose["services"]["worker"]["command"]
-    pool = worker_command[worker_command.index("--pool") + 1]
-    assert pool in {d.work_pool.name for d in prefect_yaml.deployments}
+    assert args.workspace == "/workspace"

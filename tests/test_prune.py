@@ -16,6 +16,8 @@ from pipeline.params import DemoParams, Params
 
 IMGSZ = 64
 REPO = Path(__file__).resolve().parents[1]
+# What the train stage's metrics.json holds; drops are measured against its mAP (an untrained model: 0).
+TRAINED_METRICS = {"map50_95": 0.0}
 
 
 
@@ -74,7 +76,7 @@ def test_pruned_model_trains_exports_and_loads_elsewhere(tiny, monkeypatch):
     write_json(plan_json, _plan(trained_pt, {"model.2": 0.5, "model.8": 0.5, "model.15": 0.5,
                                              "model.22.cv3.0": 0.5}))
     out = root / "pruned"
-    metrics = prune.run_prune(trained_pt, plan_json, data_yaml, _params(), out)
+    metrics = prune.run_prune(trained_pt, plan_json, data_yaml, _params(), out, TRAINED_METRICS)
     monkeypatch.undo()
     assert lookups == []  # fine-tuning and evaluation never tried to reach the network
 
@@ -124,14 +126,14 @@ def test_plan_for_another_model_is_refused(tiny, tmp_path):
     other_pt = _tiny_checkpoint(tmp_path / "other.pt", width=0.25)
     write_json(tmp_path / "plan.json", _plan(other_pt, {"model.2": 0.5}))  # same layers, other widths
     with pytest.raises(prune.PruneError, match="plan.json.*different model"):
-        prune.run_prune(trained_pt, tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out")
+        prune.run_prune(trained_pt, tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
     plan = _plan(trained_pt, {"model.2": 0.5})
     plan["model"]["units"] = plan["model"]["units"][:-1]  # another architecture lists other units
     write_json(tmp_path / "plan1.json", plan)
     with pytest.raises(prune.PruneError, match="plan1.json.*different model"):
-        prune.run_prune(trained_pt, tmp_path / "plan1.json", data_yaml, _params(), tmp_path / "out")
+        prune.run_prune(trained_pt, tmp_path / "plan1.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
     write_json(tmp_path / "plan2.json", _plan(trained_pt, {"model.99": 0.5}))
     with pytest.raises(prune.PruneError, match="model.99"):
-        prune.run_prune(trained_pt, tmp_path / "plan2.json", data_yaml, _params(), tmp_path / "out")
+        prune.run_prune(trained_pt, tmp_path / "plan2.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        prune.run_prune(tmp_path / "missing.pt", tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out")
+        prune.run_prune(tmp_path / "missing.pt", tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)

@@ -26,10 +26,10 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
         "qat": {"epochs": 1, "calib_images": 4, "activation": "silu",
                 "gates": {"max_map_drop": 1.0, "max_file_mb": 20}},
     })
-    trained_metrics = {"map50_95": 0.0}
+    float_models = {"control": {"map50_95": 0.0}, "pruned": {"map50_95": 0.0}}
     out = tmp_path / "outputs" / "qat"
 
-    metrics = qat.run_qat(trained_pt, data_yaml, params, out, trained_metrics, trained_metrics)
+    metrics = qat.run_qat(trained_pt, data_yaml, params, out, float_models)
 
     candidates = json.loads((out / "candidates.json").read_text())["candidates"]
     assert set(candidates) == {"qat_int8", "qat_qsilu_int8", "ptq_int8"}
@@ -46,7 +46,8 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
     assert (out / "model_int8.onnx").is_file()
     assert (out / "qat_model.pt").is_file()  # the fake-quant torch model for export's parity check
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=float))
-    assert metrics["chosen"] in candidates
+    assert metrics["chosen"] in candidates and metrics["choice"]["chosen"] == metrics["chosen"]
+    assert metrics["accuracy_reference"] in float_models
     if not metrics["passed"]:  # on 2 busy cores a 64 px model may well not beat FP32 latency
         assert metrics["why_none_passed"] and all(metrics["why_none_passed"].values())
 
@@ -81,11 +82,29 @@ def test_run_qat_rejects_bad_inputs(tmp_path):
     from pipeline.params import Params
 
     with pytest.raises(qat.QatError, match="missing.pt"):
-        qat.run_qat(tmp_path / "missing.pt", tmp_path / "data.yaml", Params(), tmp_path / "out", {"map50_95": 0.5}, {})
+        qat.run_qat(tmp_path / "missing.pt", tmp_path / "data.yaml", Params(), tmp_path / "out",
+                    {"control": {"map50_95": 0.5}})
     pt = tmp_path / "model.pt"
     pt.write_bytes(b"x")
     with pytest.raises(qat.QatError, match="map50_95"):
-        qat.run_qat(pt, tmp_path / "data.yaml", Params(), tmp_path / "out", {}, {})
+        qat.run_qat(pt, tmp_path / "data.yaml", Params(), tmp_path / "out", {"control": {}})
+
+
+def test_choice_is_the_fastest_within_tolerance_of_the_most_accurate_passing_candidate():
+    def candidate(map50_95, latency_ms, passed=True):
+        return {"passed": passed, "metrics": {"map50_95": map50_95, "latency_ms": latency_ms}}
+
+    candidates = {"silu": candidate(0.360, 9.2), "qsilu": candidate(0.357, 8.0), "relu": candidate(0.292, 6.0),
+                  "fast_but_failing": candidate(0.370, 1.0, passed=False)}
+    chosen, why = qat.choose_candidate(candidates, tolerance=0.005)
+    assert chosen == "qsilu"  # relu is faster but 6.8 points below the most accurate passing one
+    assert why["most_accurate"] == "silu" and why["eligible"] == ["silu", "qsilu"]
+    assert "fastest passing candidate within 0.005" in why["why"]
+    assert qat.choose_candidate(candidates, tolerance=0.1)[0] == "relu"
+    assert qat.choose_candidate(candidates, tolerance=0.0)[0] == "silu"
+    none_pass = {n: {**c, "passed": False} for n, c in candidates.items()}
+    chosen, why = qat.choose_candidate(none_pass, tolerance=0.005)
+    assert chosen == "fast_but_failing" and why["passing"] == []  # the most accurate, for the record
 
 
 def test_activation_qparams_follow_ort_formula():

@@ -185,7 +185,7 @@ def artifacts_of(flow_run_id) -> dict:
 
 
 def notes(workspace: Path) -> list[dict]:
-    from flows.scheduled import read_notes
+    from flows.run_notes import read_notes
 
     return read_notes(workspace)
 
@@ -220,7 +220,8 @@ def test_deployment_has_the_cron_schedule_and_one_run_at_a_time(deployment, work
 @pytest.mark.slow
 def test_first_run_trains_every_stage_and_promotes(first_run, workspace, worker, monkeypatch):
     from pipeline import stages
-    from pipeline.params import load_params
+    from pipeline.dataset import workspace_dataset_hash
+    from pipeline.workspace import Workspace
 
     assert first_run.state.is_completed(), f"{first_run.state}\nworker log:\n{tail(worker, 80)}"
     assert first_run.state.message.startswith("promoted"), first_run.state.message
@@ -228,13 +229,12 @@ def test_first_run_trains_every_stage_and_promotes(first_run, workspace, worker,
     production = registry.alias("production")
     assert production is not None and production == registry.alias("exported")
     manifest = registry.manifest(production)
-    params = load_params(workspace / "params.yaml")
-    monkeypatch.chdir(workspace)  # the demo data.yaml is relative to the workspace
-    assert manifest.dataset_hash == stages.dataset_hash(params)
-    assert manifest.params_hash == params.hash()
+    ws = Workspace.load(workspace)
+    assert manifest.dataset_hash == workspace_dataset_hash(ws)
+    assert manifest.params_hash == ws.params.hash()
     # Every stage ran, whatever the stage list is now.
-    for name in stages.STAGES:
-        assert (workspace / "outputs" / name).is_dir(), f"stage {name} wrote nothing"
+    for stage in stages.RUN_STAGES:
+        assert (workspace / "outputs" / stage.name).is_dir(), f"stage {stage.name} wrote nothing"
     finished = [n for n in notes(workspace) if n["event"] == "finished"]
     assert [n["outcome"] for n in finished] == ["promoted"]
     assert finished[0]["production_before"] is None and finished[0]["production_after"] == production
@@ -278,9 +278,9 @@ def test_check_cli_says_skip_and_why(first_run, workspace, server):
 @pytest.mark.slow
 def test_dask_fanout_gives_the_sequential_table(first_run, workspace, worker, tmp_path, monkeypatch):
     """The scheduled run fanned the sensitivity evaluations out over a real local Dask cluster (the workspace
-    params say task_runner: dask): its table equals `stages.sensitivity` run one evaluation at a time."""
+    params say task_runner: dask): its table equals the sensitivity stage run one evaluation at a time."""
     from pipeline import stages
-    from pipeline.params import load_params
+    from pipeline.workspace import Workspace
 
     assert first_run.state.is_completed()
     # The flow-run process's output goes to the worker's log: prefect-dask says which cluster it started.
@@ -291,8 +291,7 @@ def test_dask_fanout_gives_the_sequential_table(first_run, workspace, worker, tm
     for name in ("params.yaml", "data", "outputs"):
         source = workspace / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
-    monkeypatch.chdir(tmp_path)
-    sequential = stages.sensitivity(load_params("params.yaml"), map_fn=map)
+    sequential = stages.run_stage("sensitivity", Workspace.load(tmp_path), map_fn=map)
     sequential_rows = json.loads((tmp_path / "outputs/sensitivity/sensitivity.json").read_text())
 
     assert sequential["evaluations"] == len(dask_rows) > 0
@@ -310,7 +309,8 @@ def test_dask_fanout_gives_the_sequential_table(first_run, workspace, worker, tm
 @pytest.mark.slow
 def test_busy_workspace_is_recorded_as_skipped(first_run, workspace):
     """A second run while another holds the workspace: skipped as busy, nothing else touched."""
-    from flows.scheduled import scheduled_retraining, workspace_lock
+    from flows.run_notes import workspace_lock
+    from flows.scheduled import scheduled_retraining
 
     registry = registry_of(workspace)
     production = registry.alias("production")
@@ -346,7 +346,9 @@ def test_crash_midway_leaves_production_and_is_noticed_by_the_next_run(first_run
     'started' note is reported as crashed by the next run."""
     import flows.scheduled as scheduled
     import pipeline.train
-    from pipeline.params import load_params
+    from flows.change_check import decide
+    from flows.run_notes import append_note, workspace_lock
+    from pipeline.workspace import Workspace
 
     registry = registry_of(workspace)
     production = registry.alias("production")
@@ -355,52 +357,50 @@ def test_crash_midway_leaves_production_and_is_noticed_by_the_next_run(first_run
     def crashes(*args, **kwargs):
         raise RuntimeError("simulated crash in the middle of training")
 
-    monkeypatch.setattr(pipeline.train, "train", crashes)  # stages.train imports it at call time
+    monkeypatch.setattr(pipeline.train, "train", crashes)  # the train stage's run() looks it up at call time
     state = scheduled.scheduled_retraining(workspace=str(workspace), overrides=["train.lr0=0.02"],
                                            return_state=True)
     assert state.is_failed() and "simulated crash" in state.message, state
     assert registry.alias("production") == production
     assert [m.version for m in registry.versions()] == versions
-    with scheduled.workspace_lock(workspace, {"who": "test"}) as held:
+    with workspace_lock(workspace, {"who": "test"}) as held:
         assert held, "the lock must be free after a failed run"
     assert notes(workspace)[-1]["outcome"] == "failed"
 
     # A run killed outright leaves only its 'started' note; the next run closes it as crashed.
-    scheduled.append_note(workspace, {"event": "started", "flow_run_id": "killed-run", "pid": 1})
+    append_note(workspace, {"event": "started", "flow_run_id": "killed-run", "pid": 1})
     state = scheduled.scheduled_retraining(workspace=str(workspace), return_state=True)
     assert state.name == "Skipped", state  # nothing changed: unchanged params, production as before
     crashed = [n for n in notes(workspace) if n.get("outcome") == "crashed"]
     assert [n["flow_run_id"] for n in crashed] == ["killed-run"]
-    monkeypatch.chdir(workspace)  # decide() reads the data and the registry relative to the workspace
-    decision = scheduled.decide(load_params("params.yaml", ["train.lr0=0.02"]), workspace)
+    decision = decide(Workspace.load(workspace, overrides=["train.lr0=0.02"]))
     assert decision["retrain"] and "train.lr0" in decision["reason"]
 
 
 @pytest.mark.slow
-def test_prefect_yaml_and_the_k8s_job_template_are_accepted_by_a_real_server(server):
-    """`prefect deploy --all` from prefect.yaml, on pools made as infra/README.md says (the Kubernetes one
-    with infra/k8s/base-job-template.json, which the server validates). Nothing runs: no worker polls them."""
-    server.prefect("work-pool", "create", "edge-yolo-process", "--type", "process")
+def test_a_kubernetes_deployment_with_the_k8s_job_template_is_accepted_by_a_real_server(server):
+    """`--deploy --image` onto a Kubernetes pool made as infra/README.md says (with
+    infra/k8s/base-job-template.json, which the server validates). Nothing runs: no worker polls it."""
     server.prefect("work-pool", "create", "edge-yolo-k8s", "--type", "kubernetes",
                    "--base-job-template", str(REPO / "infra" / "k8s" / "base-job-template.json"))
-    server.prefect("--no-prompt", "deploy", "--all")
+    server.run([sys.executable, "-m", "flows.scheduled", "--deploy", "--pool", "edge-yolo-k8s", "--name", "k8s",
+                "--workspace", str(REPO), "--image", "edge-yolo-pipeline:test", "--job-variable", "gpu_count=1",
+                "--set", "registry.uri=s3://models/edge-yolo"])
     with client() as c:
-        k8s = c.read_deployment_by_name("scheduled-retraining/scheduled-retraining-k8s")
-        process = c.read_deployment_by_name("scheduled-retraining/scheduled-retraining-process")
+        k8s = c.read_deployment_by_name("scheduled-retraining/k8s")
         pool = c.read_work_pool("edge-yolo-k8s")
-    for d in (k8s, process):
-        assert [s.schedule.cron for s in d.schedules] == ["0 3 * * *"]
-        assert d.global_concurrency_limit.limit == 1
-        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/pipeline"}}]
-        assert d.parameters["workspace"] == "/workspace"
-    assert k8s.job_variables["image"] and "gpu_count" in pool.base_job_template["variables"]["properties"]
+    assert [s.schedule.cron for s in k8s.schedules] == ["0 3 * * *"]
+    assert k8s.global_concurrency_limit.limit == 1
+    assert k8s.job_variables == {"image": "edge-yolo-pipeline:test", "gpu_count": 1}
+    assert k8s.parameters["overrides"] == ["registry.uri=s3://models/edge-yolo"]
+    assert "gpu_count" in pool.base_job_template["variables"]["properties"]
 
 
 # ------------------------------------------------------------------------------------ no server needed
 
 
 def test_change_rule_ignores_settings_that_cannot_change_the_model():
-    from flows.scheduled import params_changes
+    from flows.change_check import params_changes
     from pipeline.params import Params
 
     before = Params().as_dict()
@@ -418,11 +418,11 @@ def test_change_rule_ignores_settings_that_cannot_change_the_model():
 
 
 def test_lock_is_exclusive_and_freed_when_its_holder_is_killed(tmp_path):
-    from flows.scheduled import lock_holder, workspace_lock
+    from flows.run_notes import lock_holder, workspace_lock
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from flows.scheduled import workspace_lock\n"
+         "import sys, time; from flows.run_notes import workspace_lock\n"
          f"with workspace_lock({str(tmp_path)!r}, {{'pid': 'holder'}}) as held:\n"
          "    print('held' if held else 'busy', flush=True); time.sleep(120)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -442,7 +442,8 @@ def test_lock_is_exclusive_and_freed_when_its_holder_is_killed(tmp_path):
 def test_a_rejection_says_which_gates_failed_and_is_not_retried_every_night(tmp_path):
     from prefect.states import Failed
 
-    from flows.scheduled import append_note, last_rejection, outcome_of
+    from flows.run_notes import append_note, last_rejection
+    from flows.scheduled import outcome_of
     from pipeline.gates import GateFailed
 
     report = {"stage": "gate", "version": 7, "passed": False,

@@ -12,6 +12,11 @@ from pipeline.evaluate import evaluate
 from pipeline.gates import GateFailed
 from pipeline.params import load_params
 from pipeline.registry import open_registry
+from pipeline.workspace import Workspace
+
+
+def workspace(*overrides) -> Workspace:
+    return Workspace.load(".", "params.yaml", list(overrides))
 
 METRIC_KEYS = {"map50_95", "map50", "precision", "recall", "params", "file_bytes", "file_mb", "latency_ms"}
 
@@ -34,7 +39,7 @@ def test_train_writes_checkpoint_metrics_curves_and_registers(trained_workdir):
 
 def test_export_onnx_loads_in_ultralytics_and_ort_and_is_registered(trained_workdir):
     params = load_params("params.yaml")
-    result = stages.export(params)
+    result = stages.run_stage("export", workspace())
     model = trained_workdir / "outputs" / "export" / "model.onnx"
     meta = {p.key: p.value for p in onnx.load(str(model)).metadata_props}
     assert {"names", "stride", "imgsz", "task"} <= set(meta)
@@ -44,15 +49,15 @@ def test_export_onnx_loads_in_ultralytics_and_ort_and_is_registered(trained_work
     assert result["metrics"]["integer_kernels"]["integer_convs_after"] > 0  # INT8 convs survive finalizing
     registry = open_registry(params.registry)
     exported = registry.manifest(registry.alias("exported"))
-    aliases = list(stages.ALIASES.values())
-    assert exported.parent == registry.alias(aliases[aliases.index("exported") - 1])
+    assert exported.parent == registry.alias(stages.stage_named("export").parent)
     assert exported.metrics["file_bytes"] == model.stat().st_size == result["metrics"]["file_bytes"]
 
 
 def test_evaluator_measures_pt_and_onnx_the_same_way(trained_workdir):
-    params = load_params("params.yaml")
-    stages.export(params)
-    data = stages.data_yaml(params)
+    ws = workspace()
+    params = ws.params
+    stages.run_stage("export", ws)
+    data = ws.data_yaml()
     pt = evaluate("outputs/train/best.pt", data, params)
     onnx_metrics = evaluate("outputs/export/model.onnx", data, params)
     assert METRIC_KEYS <= set(pt) and METRIC_KEYS <= set(onnx_metrics)
@@ -66,7 +71,7 @@ def test_evaluator_measures_pt_and_onnx_the_same_way(trained_workdir):
 def test_failed_stage_gate_keeps_version_but_does_not_move_alias(trained_workdir):
     params = load_params("params.yaml", ["export.gates.max_file_mb=0.001"])
     with pytest.raises(GateFailed, match="max_file_mb"):
-        stages.export(params)
+        stages.run_stage("export", workspace("export.gates.max_file_mb=0.001"))
     registry = open_registry(params.registry)
     assert registry.alias("exported") is None
     assert [m.stage for m in registry.versions()][-1] == "export"
@@ -76,8 +81,8 @@ def test_failed_stage_gate_keeps_version_but_does_not_move_alias(trained_workdir
 
 def test_acceptance_gate_promotes_then_champion_blocks_a_worse_challenger(trained_workdir):
     params = load_params("params.yaml")
-    stages.export(params)
-    first = stages.gate(params)
+    stages.run_stage("export", workspace())
+    first = stages.run_stage("gate", workspace())
     registry = open_registry(params.registry)
     assert first["passed"] and registry.alias("production") == registry.alias("exported")
     production = registry.alias("production")
@@ -91,18 +96,48 @@ def test_acceptance_gate_promotes_then_champion_blocks_a_worse_challenger(traine
     values[0] += 1e-3
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     onnx.save(graph, str(qat_model))
-    challenger = load_params("params.yaml", ["gate.champion_tolerance=-1.0"])
-    stages.export(challenger)
+    challenger = workspace("gate.champion_tolerance=-1.0")
+    stages.run_stage("export", challenger)
     assert registry.alias("exported") != production
     with pytest.raises(GateFailed, match=f"not_worse_than_production_v{production}"):
-        stages.gate(challenger)
+        stages.run_stage("gate", challenger)
     assert registry.alias("production") == production
     assert registry.alias("candidate") == registry.alias("exported")
 
 
 def test_absolute_gate_threshold_stops_promotion(trained_workdir):
     params = load_params("params.yaml", ["gate.max_latency_ms=0.0001"])
-    stages.export(params)
+    stages.run_stage("export", workspace("gate.max_latency_ms=0.0001"))
     with pytest.raises(GateFailed, match="max_latency_ms"):
-        stages.gate(params)
+        stages.run_stage("gate", workspace("gate.max_latency_ms=0.0001"))
     assert open_registry(params.registry).alias("production") is None
+
+
+def test_control_is_the_trained_model_fine_tuned_as_long_as_compression(trained_workdir):
+    from pipeline.control import compression_epochs
+
+    params = load_params("params.yaml")
+    control = json.loads((trained_workdir / "outputs" / "control" / "metrics.json").read_text())
+    assert control["extra_epochs"] == compression_epochs(params) == 2  # 1 prune step x 1 epoch + 1 QAT epoch
+    assert control["baseline"] == "control" and METRIC_KEYS <= set(control)
+    registry = open_registry(params.registry)
+    manifest = registry.manifest(registry.alias("control"))
+    assert manifest.parent == registry.alias("trained") and manifest.metrics["map50_95"] == control["map50_95"]
+    qat_metrics = json.loads((trained_workdir / "outputs" / "qat" / "metrics.json").read_text())
+    best = max(("control", "pruned"), key=lambda n: qat_metrics[f"{n}_map50_95"])
+    assert qat_metrics["accuracy_reference"] == best
+
+    # baseline: trained -> the trained model itself, nothing fine-tuned
+    stages.run_stage("control", workspace("control.baseline=trained"))
+    again = json.loads((trained_workdir / "outputs" / "control" / "metrics.json").read_text())
+    trained = json.loads((trained_workdir / "outputs" / "train" / "metrics.json").read_text())
+    assert again["extra_epochs"] == 0 and again["map50_95"] == trained["map50_95"]
+
+
+def test_acceptance_gate_judges_accuracy_against_the_best_float_model(trained_workdir):
+    stages.run_stage("export", workspace())
+    with pytest.raises(GateFailed, match="max_map_drop_vs_(control|pruned)"):
+        stages.run_stage("gate", workspace("gate.max_map_drop=-1.0"))
+    report = json.loads((trained_workdir / "outputs" / "gate" / "report.json").read_text())
+    assert report["accuracy_reference"]["model"] in ("control", "pruned")
+
