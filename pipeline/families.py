@@ -31,6 +31,27 @@ RESULTS_DIR = Path("bench/results")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def detection_yamls(scales: str = "ns") -> list[str]:
+    """Every detection model YAML (a plain `Detect` head) the installed Ultralytics ships in the v5, v8, v9, 11
+    and 26 families, at the given scale letters where the YAML has scales (`yolov8-p2.yaml` at "n" is
+    `yolov8n-p2.yaml`)."""
+    import ultralytics
+
+    names = []
+    for folder in ("v5", "v8", "v9", "11", "26"):
+        for path in sorted((Path(ultralytics.__file__).parent / "cfg" / "models" / folder).glob("*.yaml")):
+            cfg = yaml.safe_load(path.read_text())
+            if cfg["head"][-1][2] != "Detect":
+                continue
+            if not cfg.get("scales"):
+                names.append(path.name)
+                continue
+            base, _, variant = path.stem.partition("-")
+            names += [f"{base}{scale}{'-' + variant if variant else ''}.yaml" for scale in scales
+                      if scale in cfg["scales"]]
+    return names
+
+
 def family_workspace(ws: Workspace, model_yaml: str, data_yaml: Path) -> Path:
     """The folder of one family's run, with its params.yaml: the run's params, `train.model` set to
     `model_yaml`, the dataset at `data_yaml` (shared by every family), a local registry of its own."""

@@ -138,8 +138,9 @@ def kept_whole(trained_pt: str | Path) -> dict[str, str]:
 
 
 def skipped_units(trained_pt: str | Path, granularity: str = "layer") -> dict[str, str]:
-    """{unit: reason} for the units of this model that are not measured or pruned, in model order."""
-    prunable, one_to_one, kept = _cached_structure(trained_pt)
+    """{unit: reason} for the units of this model that are not measured or pruned (YOLO26's one-to-one
+    branches, then units kept whole, each in model order)."""
+    _, one_to_one, kept = _cached_structure(trained_pt)
     units = set(list_groups(trained_pt, granularity))
     skipped: dict[str, str] = {}
     for root in one_to_one:

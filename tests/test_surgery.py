@@ -9,6 +9,7 @@ import torch
 
 from conftest import random_tiny_model as _tiny_model
 from pipeline import reparam, surgery, units
+from pipeline.families import detection_yamls
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,6 +152,29 @@ def test_save_checkpoint_loads_with_yolo(tmp_path, model_yaml):
     loaded = YOLO(str(path)).model
     assert {type(m).__name__ for m in loaded.modules()} >= {type(m).__name__ for m in model.modules()
                                                              if type(m).__module__ == surgery.__name__}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_yaml", detection_yamls())
+def test_every_detection_yaml_rewrites_exactly_and_prunes_in_every_unit(model_yaml):
+    """Every detection YAML of the five families at scales n and s, full width, random weights."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    torch.manual_seed(0)
+    original = DetectionModel(yaml_model_load(model_yaml), nc=4, verbose=False).eval()
+    model = copy.deepcopy(original)
+    reparam.reparameterize(model)
+    surgery.rewrite_blocks(model)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (original(x)[0] - model(x)[0]).abs().max().item() < 1e-3
+    del original
+
+    groups = units.channel_groups(model)
+    units.prune_units(model, {units.unit_of(root): 0.3 for root in groups}, groups=groups)
+    with torch.no_grad():
+        assert model(x)[0].shape[1] == 4 + 4
+    assert model.train()(torch.rand(2, 3, 64, 64))
 
 
 def test_load_detection_model_names_the_bad_file(tmp_path):
