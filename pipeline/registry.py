@@ -856,19 +856,51 @@ class Registry:
         numbers = (self._number(key, "claims") for key in self.store.list(self._key("claims") + "/"))
         return sorted(n for n in numbers if n is not None)
 
+    def _latest(self) -> tuple[int | None, str | None]:
+        """claims/latest.json: no version with a manifest has a higher number (None: not there, as
+        in registries written before it, or damaged) and its etag."""
+        found = self.store.get(self._key("claims", "latest.json"))
+        if found is None:
+            return None, None
+        try:
+            latest = json.loads(found[0])["version"]
+        except (ValueError, TypeError, KeyError):
+            return None, found[1]
+        valid = isinstance(latest, int) and not isinstance(latest, bool) and 0 <= latest <= MAX_VERSION
+        return (latest if valid else None), found[1]
+
+    def _raise_latest(self, version: int, etag: str | None) -> None:
+        """Make claims/latest.json at least `version`, by compare-and-swap so that it never goes back:
+        a reader that trusts it then never misses a version."""
+        key = self._key("claims", "latest.json")
+        for attempt in range(CAS_ATTEMPTS):
+            if self._swap(key, to_json({"version": version}), etag):
+                return
+            latest, etag = self._latest()
+            if latest is not None and latest >= version:
+                return
+            time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
+        raise RegistryUnavailable(f"{self.store.where(key)}: {CAS_ATTEMPTS} attempts to record v{version} "
+                                  f"lost to concurrent writers")
+
     def versions(self, damaged: list[DamagedRecord] | None = None) -> list[Manifest]:
-        """Every registered version, oldest first. Manifests come from the index, a few objects for
-        all versions; a version missing from it (its writer died before indexing it, or an older
-        registry) is read directly. A damaged record raises, or with `damaged` given is appended
-        there and left out."""
-        numbers = self._claimed_numbers()
+        """Every registered version, oldest first. Numbers run from 1 to claims/latest.json; their
+        manifests come from the index, one object per 100 versions. A number missing from it (a
+        registration in progress, a writer that died, an older registry) is read directly unless gc
+        recorded it as gone. A damaged record raises, or with `damaged` given is appended there and
+        left out."""
+        latest, _ = self._latest()
+        numbers = self._claimed_numbers() if latest is None else list(range(1, latest + 1))
         found: dict[int, Manifest] = {}
+        gone: set[int] = set()
         pages = sorted({n // INDEX_PAGE for n in numbers})
         page_keys = [self._key("index", f"{page}.json") for page in pages]
         for key, stored in zip(page_keys, concurrently(self.store.get, page_keys)):
             if stored is not None:
-                found.update(self._index_entries(key, stored[0], damaged))
-        wanted = set(numbers)
+                entries, removed = self._index_entries(key, stored[0], damaged)
+                found.update(entries)
+                gone |= removed
+        wanted = set(numbers) - gone
         found = {n: m for n, m in found.items() if n in wanted}
 
         def read(n: int) -> Manifest | None:
@@ -877,21 +909,23 @@ class Registry:
             except DamagedRecord as e:
                 self._report(damaged, e)
                 return None
-        missing = [n for n in numbers if n not in found]
+        missing = [n for n in numbers if n in wanted and n not in found]
         for n, manifest in zip(missing, concurrently(read, missing)):
             if manifest is not None:
                 found[n] = manifest
         return [found[n] for n in sorted(found)]
 
-    def _index_entries(self, key: str, data: bytes, damaged) -> dict[int, Manifest]:
+    def _index_entries(self, key: str, data: bytes, damaged) -> tuple[dict[int, Manifest], set[int]]:
+        """An index page: {"versions": {"<n>": manifest}, "gone": [numbers gc removed]}."""
         where = self.store.where(key)
         try:
             raw = json.loads(data)
             if not isinstance(raw, dict) or not isinstance(raw.get("versions"), dict):
                 raise ValueError("expected {\"versions\": {...}}")
-        except ValueError as e:
+            gone = {n for n in raw.get("gone", []) if isinstance(n, int) and not isinstance(n, bool)}
+        except (ValueError, TypeError) as e:
             self._report(damaged, DamagedRecord(where, f"not a valid index page ({e})"))
-            return {}
+            return {}, set()
         entries = {}
         for name, entry in raw["versions"].items():
             try:
@@ -901,7 +935,7 @@ class Registry:
                 entries[int(name)] = self._check_manifest(manifest, int(name), f"{where} entry {name}")
             except DamagedRecord as e:
                 self._report(damaged, e)  # the version is then read from its manifest
-        return entries
+        return entries, gone
 
     @staticmethod
     def _report(damaged: list | None, error: DamagedRecord) -> None:
@@ -1024,15 +1058,8 @@ class Registry:
     def _claim_version_number(self, actor: str, sha: str) -> tuple[int, str, bytes]:
         """The next free number, taken with an exclusive create and read back. Numbers are never
         reused; the search starts after claims/latest.json, so it costs the same at any history."""
-        latest_key = self._key("claims", "latest.json")
-        found = self.store.get(latest_key)
-        try:
-            latest = json.loads(found[0])["version"] if found else None
-            if not isinstance(latest, int) or isinstance(latest, bool) or not 0 <= latest <= MAX_VERSION:
-                latest = None
-        except (ValueError, TypeError, KeyError):
-            latest = None  # only a hint: fall back to the claims themselves
-        if latest is None:
+        latest, latest_etag = self._latest()
+        if latest is None:  # a registry from before claims/latest.json: the claims themselves
             latest = max(self._claimed_numbers(), default=0)
         claim = to_json({"actor": actor, "time": utc_now(), "id": uuid.uuid4().hex, "sha256": sha,
                          "host": socket.gethostname(), "pid": os.getpid()})
@@ -1044,7 +1071,7 @@ class Registry:
                 raise RegistryError(f"{self.model}: no version numbers left (at most {MAX_VERSION})")
         claim_key = self._key("claims", version)
         self._confirm(claim_key, claim, f"the claim of version {version}")
-        self.store.put(latest_key, to_json({"version": version}))
+        self._raise_latest(version, latest_etag)  # before the manifest: readers count up to it
         return version, claim_key, claim
 
     def _put_artifact(self, key: str, path: Path, sha: str) -> None:
@@ -1056,24 +1083,41 @@ class Registry:
         if found is None or hashlib.sha256(found[0]).hexdigest() != sha:
             raise RegistryError(f"{self.store.where(key)} exists with other content")
 
+    @staticmethod
+    def _index_page(found: tuple[bytes, str] | None) -> dict:
+        try:
+            page = json.loads(found[0]) if found else {}
+            if isinstance(page, dict) and isinstance(page.get("versions"), dict) and isinstance(
+                    page.get("gone", []), list):
+                return {"versions": page["versions"], "gone": page.get("gone", [])}
+        except ValueError:
+            pass
+        # The index is a cache of the manifests: a damaged page starts afresh (the versions it loses
+        # are read from their manifests; `registry gc --apply` re-indexes them).
+        return {"versions": {}, "gone": []}
+
+    def _mark_gone(self, numbers: list[int]) -> None:
+        """Record in the index that gc removed these numbers' claims: listing stops looking for them."""
+        for page_number in sorted({n // INDEX_PAGE for n in numbers}):
+            key = self._key("index", f"{page_number}.json")
+            for attempt in range(CAS_ATTEMPTS):
+                found = self.store.get(key)
+                page = self._index_page(found)
+                page["gone"] = sorted(set(page["gone"]) | {n for n in numbers if n // INDEX_PAGE == page_number})
+                if self._swap(key, json.dumps(page, sort_keys=True, separators=(",", ":")).encode(),
+                              found[1] if found else None):
+                    break
+                time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
+
     def _add_to_index(self, manifest: Manifest) -> None:
         key = self._key("index", f"{manifest.version // INDEX_PAGE}.json")
         entry = json.loads(manifest.model_dump_json())
         for attempt in range(CAS_ATTEMPTS):
             found = self.store.get(key)
-            page: dict = {}
-            if found is not None:
-                try:
-                    page = json.loads(found[0])["versions"]
-                    if not isinstance(page, dict):
-                        page = {}
-                except (ValueError, TypeError, KeyError):
-                    # The index is a cache of the manifests: a damaged page starts afresh (the versions
-                    # it loses are read from their manifests; `registry gc --apply` re-indexes them).
-                    page = {}
-            page[str(manifest.version)] = entry
-            data = json.dumps({"versions": page}, sort_keys=True, separators=(",", ":")).encode()
-            if self._swap(key, data, found[1] if found else None):
+            page = self._index_page(found)
+            page["versions"][str(manifest.version)] = entry
+            if self._swap(key, json.dumps(page, sort_keys=True, separators=(",", ":")).encode(),
+                          found[1] if found else None):
                 return
             time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
         raise RegistryUnavailable(f"{self.store.where(key)}: {CAS_ATTEMPTS} attempts to index "
@@ -1283,9 +1327,11 @@ class Registry:
     def gc(self, older_than_s: float, apply: bool = False, now: float | None = None) -> dict:
         """What killed writers left behind: claims older than `older_than_s` without a manifest, with
         the files uploaded under their number and the sha256 claim pointing at them, and (local store)
-        temporary files. Also versions missing from the index. Removes and re-indexes only with
-        `apply`. Returns {"leftovers": [{key, kind, bytes, age_s, note}], "reindex": [versions],
-        "applied": apply}."""
+        temporary files. Also what a registry written by older code lacks: versions missing from the
+        index, versions whose bytes have no sha256 claim (so registering them again would not find
+        them), claims/latest.json. Removes and repairs only with `apply`. Returns {"leftovers": [{key,
+        kind, bytes, age_s, note}], "reindex": [versions], "claim_bytes": [versions], "latest": the
+        number claims/latest.json is raised to or None, "applied": apply}."""
         now = time.time() if now is None else now
         version_entries = self.store.entries(self._key("versions") + "/")
         with_manifest = {self._number(key, "versions") for key, _, _ in version_entries
@@ -1329,32 +1375,54 @@ class Registry:
                 leftovers.append({"key": key, "kind": "temp", "bytes": size, "age_s": now - modified,
                                   "note": "temporary file of a killed writer"})
 
-        indexed: set[int] = set()
-        pages = sorted({n // INDEX_PAGE for n in with_manifest if n is not None})
-        page_keys = [self._key("index", f"{page}.json") for page in pages]
+        numbers = sorted(n for n in with_manifest if n is not None)
+        indexed: dict[int, Manifest] = {}
+        page_keys = [self._key("index", f"{page}.json") for page in sorted({n // INDEX_PAGE for n in numbers})]
         for key, stored in zip(page_keys, concurrently(self.store.get, page_keys)):
             if stored is not None:
-                indexed |= set(self._index_entries(key, stored[0], damaged=[]))
-        reindex = sorted(n for n in with_manifest if n is not None and n not in indexed)
+                indexed.update(self._index_entries(key, stored[0], damaged=[])[0])
+        reindex = [n for n in numbers if n not in indexed]
+        manifests = dict(indexed)
+        for number in reindex:
+            try:
+                manifests[number] = self.manifest(number)
+            except DamagedRecord:
+                pass  # listing reports it; nothing to index
+        claimed_bytes = {key.rsplit("/", 1)[1][:-len(".json")] for key in self.store.list(self._key("sha256") + "/")}
+        claim_bytes, seen = [], set()
+        for number, manifest in sorted(manifests.items()):
+            if manifest.sha256 not in claimed_bytes and manifest.sha256 not in seen:
+                claim_bytes.append(number)
+                seen.add(manifest.sha256)
+        latest, latest_etag = self._latest()
+        highest = max([*numbers, *(self._number(k, "claims") or 0 for k, _, _ in self.store.entries(
+            self._key("claims") + "/"))], default=0)
+        raise_latest = highest if latest is None or latest < highest else None
 
         if apply:
             # Files first and the claim last: a gc killed half-way leaves a claim, found next time.
             for item in leftovers:
                 self.store.delete(item["key"])
             for number in reindex:
-                try:
-                    self._add_to_index(self.manifest(number))
-                except DamagedRecord:
-                    pass  # listing reports it; nothing to index
+                if number in manifests:
+                    self._add_to_index(manifests[number])
+            for number in claim_bytes:  # finished registrations, as register leaves them
+                claim = ShaClaim(sha256=manifests[number].sha256, version=number, id=uuid.uuid4().hex,
+                                 actor="registry gc", time=utc_now())
+                self.store.put_if_absent(self._key("sha256", f"{claim.sha256}.json"), to_json(claim.model_dump()))
+            if raise_latest is not None:
+                self._raise_latest(raise_latest, latest_etag)
+            removed = sorted({self._number(i["key"], "claims") for i in leftovers if i["kind"] == "claim"})
+            self._mark_gone(removed)
             if leftovers:
-                removed = sorted({self._number(i["key"], "claims") for i in leftovers if i["kind"] == "claim"})
                 now_ns = time.time_ns()
                 self._write_event({"id": f"{now_ns:020d}-{uuid.uuid4().hex}", "time": iso_time(now_ns),
                                    "actor": default_actor(), "action": "gc", "version": None, "alias": None,
                                    "reason": f"removed {len(leftovers)} leftovers of killed writers"
                                              + (f" (claims of v{', v'.join(map(str, removed))})" if removed
                                                 else "")})
-        return {"leftovers": leftovers, "reindex": reindex, "applied": apply}
+        return {"leftovers": leftovers, "reindex": reindex, "claim_bytes": claim_bytes, "latest": raise_latest,
+                "applied": apply}
 
     # ---- misc
 

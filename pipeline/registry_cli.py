@@ -179,9 +179,13 @@ def run_gc(args, reg: Registry) -> None:
                     [[i["key"], i["kind"], i["bytes"], f"{i['age_s'] / 3600:.1f} h", i["note"]] for i in leftovers]))
     else:
         print(f"no leftovers older than {args.older_than}")
-    if found["reindex"]:
-        print(f"{'re-indexed' if args.apply else 'missing from the index (--apply re-indexes)'}: "
-              + ", ".join(f"v{n}" for n in found["reindex"]))
+    repairs = {"missing from the index": found["reindex"], "bytes without a sha256 claim": found["claim_bytes"]}
+    for what, numbers in repairs.items():
+        if numbers:
+            print(f"{what} ({'repaired' if args.apply else '--apply repairs'}): "
+                  + ", ".join(f"v{n}" for n in numbers))
+    if found["latest"] is not None:
+        print(f"claims/latest.json {'raised' if args.apply else 'to raise (--apply)'} to {found['latest']}")
 
 
 def show_version(args, reg: Registry, version: int) -> None:

@@ -377,6 +377,7 @@ def test_killed_upload_process_leaves_no_version(backend, tmp_path):
     assert leftovers <= set(reg.store.list(MODEL + "/"))
     reg.gc(older_than_s=3600, apply=True, now=two_hours_later)
     assert not leftovers & set(reg.store.list(MODEL + "/"))
+    assert json.loads(reg.store.get(f"{MODEL}/index/0.json")[0])["gone"] == [1]  # listing stops looking
     assert reg.fetch(2, tmp_path / "after-gc")["best.pt"].read_text() == "weights a"
     assert reg.events()[-1]["action"] == "gc" and "v1" in reg.events()[-1]["reason"]
     assert register_model(reg, tmp_path, "b").version == 3  # numbers are not reused
@@ -395,6 +396,39 @@ def test_gc_removes_temp_files_of_killed_writers_in_a_folder_store(tmp_path):
     reg.gc(older_than_s=3600, apply=True)
     assert not old.exists() and young.exists()
     assert [m.version for m in reg.versions()] == [1]
+
+
+def test_a_registry_written_by_the_older_code_lists_registers_and_is_repaired_by_gc(backend, tmp_path):
+    reg = open_registry(backend.params)
+    register_model(reg, tmp_path, "a")
+    register_model(reg, tmp_path, "b")
+    # The older code wrote claims, versions, aliases and events, but no index, sha256 claims or
+    # claims/latest.json.
+    for key in reg.store.list(MODEL + "/"):
+        if key.startswith((f"{MODEL}/index/", f"{MODEL}/sha256/")) or key == f"{MODEL}/claims/latest.json":
+            reg.store.delete(key)
+    old = open_registry(backend.params)
+    assert [m.version for m in old.versions()] == [1, 2]
+    assert register_model(old, tmp_path, "c").version == 3
+    assert [m.version for m in open_registry(backend.params).versions()] == [1, 2, 3]
+    found = old.gc(older_than_s=3600)
+    assert (found["leftovers"], found["reindex"], found["claim_bytes"], found["latest"]) == ([], [1, 2], [1, 2], None)
+    old.gc(older_than_s=3600, apply=True)
+    assert json.loads(old.store.get(f"{MODEL}/index/0.json")[0])["versions"].keys() == {"1", "2", "3"}
+    assert register_model(old, tmp_path, "a").version == 1  # the same bytes are found again
+    again = old.gc(older_than_s=3600)
+    assert (again["reindex"], again["claim_bytes"], again["latest"]) == ([], [], None)
+
+
+def test_the_latest_number_only_goes_up(tmp_path):
+    """A writer that took v2 but records it after another took v3 must not hide v3 from listing."""
+    reg = open_registry(RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL))
+    for name in "abc":
+        register_model(reg, tmp_path, name)
+    reg._raise_latest(2, None)  # late, and with a stale view: it must find 3 and leave it
+    assert json.loads(reg.store.get(f"{MODEL}/claims/latest.json")[0]) == {"version": 3}
+    assert [m.version for m in open_registry(RegistryParams(uri=str(tmp_path / "registry"),
+                                                           model_name=MODEL)).versions()] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- crashes between a write and its event
