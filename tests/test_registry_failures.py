@@ -46,23 +46,41 @@ def s3(moto_s3, monkeypatch) -> RegistryParams:
     return RegistryParams(uri=f"s3://{bucket}/team", model_name=MODEL, endpoint_url=moto_s3.endpoint)
 
 
+@pytest.fixture(scope="module")
+def one_version(moto_s3, tmp_path_factory) -> RegistryParams:
+    """A bucket holding v1, shared by tests that only read it or fail before writing."""
+    bucket = moto_s3.create_bucket(f"fail-{uuid.uuid4().hex[:12]}")
+    params = RegistryParams(uri=f"s3://{bucket}/team", model_name=MODEL, endpoint_url=moto_s3.endpoint)
+    register(open_registry(params), tmp_path_factory.mktemp("one-version"), "a")
+    return params
+
+
 # ---------------------------------------------------------------- transient or not
 
 
 @pytest.mark.parametrize("status, code", [(503, "SlowDown"), (503, "ServiceUnavailable"), (500, "InternalError"),
                                           (400, "RequestTimeout"), (400, "Throttling"), (502, "BadGateway"),
                                           (429, "TooManyRequests")])
-def test_throttling_timeouts_and_5xx_are_registry_unavailable(s3, s3_faults, tmp_path, status, code):
-    reg = open_registry(s3)
-    register(reg, tmp_path, "a")
-    for operation in (reg.versions, lambda: reg.alias("production"), lambda: reg.fetch(1, tmp_path / "out")):
+def test_throttling_timeouts_and_5xx_are_registry_unavailable(one_version, s3_faults, monkeypatch, tmp_path,
+                                                             status, code):
+    monkeypatch.setattr(registry_module, "S3_MAX_ATTEMPTS", 1)
+    reg = open_registry(one_version)
+    operations = {"list": reg.versions, "alias": lambda: reg.alias("production"),
+                  "fetch": lambda: reg.fetch(1, tmp_path / "out"), "register": lambda: register(reg, tmp_path, "b")}
+    for operation in operations.values():
         s3_faults.fail_next(1, status, code)
         with pytest.raises(RegistryUnavailable, match=code):
             operation()
-    # In the middle of a registration (its 9th request uploads the file): the next try succeeds at once.
-    s3_faults.fail_next(1, status, code, after=8)
-    with pytest.raises(RegistryUnavailable, match=code):
+    assert [m.version for m in open_registry(one_version).versions()] == [1]  # nothing half-written
+
+
+def test_a_registration_failing_half_way_is_retried_at_once(s3, s3_faults, tmp_path):
+    reg = open_registry(s3)
+    register(reg, tmp_path, "a")
+    s3_faults.fail_next(1, 503, "SlowDown", after=7)  # its 8th request uploads the file
+    with pytest.raises(RegistryUnavailable, match="SlowDown"):
         register(reg, tmp_path, "b")
+    # It gave up its claim of the bytes, so the retry does not wait for it to expire.
     assert register(reg, tmp_path, "b").version == 3  # v2 was the failed attempt's number
     assert [m.version for m in open_registry(s3).versions()] == [1, 3]
 
