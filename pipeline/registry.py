@@ -1089,7 +1089,8 @@ class Registry:
             page = json.loads(found[0]) if found else {}
             if isinstance(page, dict) and isinstance(page.get("versions"), dict) and isinstance(
                     page.get("gone", []), list):
-                return {"versions": page["versions"], "gone": page.get("gone", [])}
+                return {"versions": page["versions"],
+                        "gone": [n for n in page.get("gone", []) if isinstance(n, int) and not isinstance(n, bool)]}
         except ValueError:
             pass
         # The index is a cache of the manifests: a damaged page starts afresh (the versions it loses
@@ -1097,13 +1098,15 @@ class Registry:
         return {"versions": {}, "gone": []}
 
     def _mark_gone(self, numbers: list[int]) -> None:
-        """Record in the index that gc removed these numbers' claims: listing stops looking for them."""
+        """Record in the index that gc removed these numbers' claims: listing stops looking for them.
+        Best effort: should every attempt lose to other writers, listing just keeps reading them."""
         for page_number in sorted({n // INDEX_PAGE for n in numbers}):
             key = self._key("index", f"{page_number}.json")
+            removed = {n for n in numbers if n // INDEX_PAGE == page_number}
             for attempt in range(CAS_ATTEMPTS):
                 found = self.store.get(key)
                 page = self._index_page(found)
-                page["gone"] = sorted(set(page["gone"]) | {n for n in numbers if n // INDEX_PAGE == page_number})
+                page["gone"] = sorted(set(page["gone"]) | removed)
                 if self._swap(key, json.dumps(page, sort_keys=True, separators=(",", ":")).encode(),
                               found[1] if found else None):
                     break
