@@ -18,7 +18,8 @@ Layout under `<root or s3 prefix>/<model>/`:
                                  renewed while the upload runs (a lease), so the same bytes
                                  registered at the same time become one version
     claims/<n>                   who took version number n (created exclusively, then read back)
-    claims/latest.json           the highest number taken so far: where the next writer starts looking
+    claims/latest.json           the highest number taken, only ever raised (compare-and-swap) and
+                                 before any manifest: where the next writer starts, where listing stops
     versions/<n>/<file>          the artifacts
     versions/<n>/manifest.json   written after the artifacts: a version exists once its manifest exists
     index/<n // 100>.json        the manifests of up to 100 versions, so listing does not read every
