@@ -1,24 +1,32 @@
 """`python -m pipeline registry ...`: look at and move model versions by hand.
 
-    registry list                          versions, with the aliases that point at them
+    registry list [--limit N]              versions, with the aliases that point at them
     registry show <v>                      one manifest and its lineage (v may be an alias name)
     registry diff <a> <b>                  metrics and params that differ
     registry promote <v> --to <alias>      move an alias (CAS, recorded in the event log)
     registry rollback [--to <v>]           production back to its previous version
-    registry history                       the event log
+    registry history [--limit N]           the event log (the newest 100 unless --limit says otherwise)
+    registry gc [--older-than 24h] [--apply]  leftovers of killed writers (dry run unless --apply)
     registry dvc-remote [--repo DIR]       make the registry's store the default DVC remote
 
-Every command takes --json for scripts. Errors are raised as RegistryError (one line, exit 2).
+Every command takes --json for scripts. Errors are raised as RegistryError (one line, exit 2). `list`
+and `history` show every record they can read and report each damaged one on stderr (exit 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.registry import (PRODUCTION, Manifest, Registry, RegistryError, configure_dvc_remote,
-                               open_registry)
+from pipeline.registry import (MAX_VERSION_DIGITS, PRODUCTION, DamagedRecord, Manifest, NoSuchVersion, Registry,
+                               RegistryError, configure_dvc_remote, name_problem, open_registry, shorten)
+
+HISTORY_LIMIT = 100
+_AGE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
@@ -28,7 +36,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="machine-readable output")
 
-    commands.add_parser("list", parents=[as_json], help="all versions")
+    listing = commands.add_parser("list", parents=[as_json], help="all versions")
+    listing.add_argument("--limit", type=int, default=0, help="only the newest N versions (0: all)")
     show = commands.add_parser("show", parents=[as_json], help="one version's manifest and lineage")
     show.add_argument("version", help="version number or alias name")
     diff = commands.add_parser("diff", parents=[as_json], help="metrics and params that differ")
@@ -40,10 +49,17 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     promote.add_argument("--reason", default="promoted by hand", help="recorded in the event log")
     rollback = commands.add_parser("rollback", parents=[as_json],
                                    help="production back to its previous version")
-    rollback.add_argument("--to", type=int, default=None, dest="to_version",
-                          help="this version instead of the previous one")
+    rollback.add_argument("--to", default=None, dest="to_version",
+                          help="this version (number or alias name) instead of the previous one")
     rollback.add_argument("--reason", default="rolled back by hand", help="recorded in the event log")
-    commands.add_parser("history", parents=[as_json], help="the event log, oldest first")
+    history = commands.add_parser("history", parents=[as_json], help="the event log, oldest first")
+    history.add_argument("--limit", type=int, default=HISTORY_LIMIT,
+                         help=f"only the newest N events (default {HISTORY_LIMIT}; 0: all)")
+    gc = commands.add_parser("gc", parents=[as_json],
+                             help="find (with --apply: remove) what killed writers left behind")
+    gc.add_argument("--older-than", default="24h",
+                    help="only leftovers at least this old: 90s, 30m, 24h, 7d (default 24h)")
+    gc.add_argument("--apply", action="store_true", help="remove them (default: only show them)")
     remote = commands.add_parser("dvc-remote", parents=[as_json],
                                  help="make the registry's store the default DVC remote")
     remote.add_argument("--repo", default=".", help="the DVC repo (default: current directory)")
@@ -60,8 +76,9 @@ def main(args: argparse.Namespace, params) -> int:
 
     reg = open_registry(params.registry)
     command = args.registry_command
+    damaged: list[DamagedRecord] = []
     if command == "list":
-        show_list(args, reg)
+        show_list(args, reg, damaged)
     elif command == "show":
         show_version(args, reg, resolve_version(reg, args.version))
     elif command == "diff":
@@ -73,43 +90,102 @@ def main(args: argparse.Namespace, params) -> int:
         emit(args, {"alias": args.alias, "version": version, "previous": before},
              f"{args.alias}: v{before} -> v{version}" if before else f"{args.alias}: -> v{version}")
     elif command == "rollback":
+        to = resolve_version(reg, args.to_version) if args.to_version is not None else None
         before = reg.alias(PRODUCTION)
-        version = reg.rollback(reason=args.reason, to=args.to_version)
+        version = reg.rollback(reason=args.reason, to=to)
         emit(args, {"alias": PRODUCTION, "version": version, "previous": before},
              f"{PRODUCTION}: v{before} -> v{version} (rolled back)")
     elif command == "history":
-        events = reg.events()
-        columns = ["time", "actor", "action", "alias", "version", "reason"]
-        emit(args, events, table(columns, [[e.get(k) for k in columns] for e in events])
-             if events else "(no events)")
+        show_history(args, reg, damaged)
+    elif command == "gc":
+        run_gc(args, reg)
     else:
         raise RegistryError(f"unknown registry command {command!r}")
-    return 0
+    for record in damaged:
+        print(f"error: skipped {record}", file=sys.stderr)
+    return 2 if damaged else 0
 
 
 def resolve_version(reg: Registry, text: str | int) -> int:
-    """'3' -> 3; 'production' -> the version the alias points at."""
-    if isinstance(text, int) or str(text).isdigit():
+    """'3' -> 3; 'production' -> the version the alias points at, which must exist."""
+    if isinstance(text, int):
+        return text
+    text = str(text)
+    if re.fullmatch(r"[0-9]+", text):  # ASCII only: '²' and '١' are digits to str.isdigit, not versions
+        if len(text) > MAX_VERSION_DIGITS:
+            raise RegistryError(f"{shorten(text)} is not a version: at most {MAX_VERSION_DIGITS} digits")
         return int(text)
-    version = reg.alias(str(text))
+    if name_problem("alias", text):
+        raise RegistryError(f"{shorten(text)} is neither a version number (ASCII digits 0-9) nor an alias name")
+    version = reg.alias(text)
     if version is None:
         raise RegistryError(f"{text!r} is neither a version number nor a set alias")
+    try:
+        reg.manifest(version)
+    except NoSuchVersion:
+        raise RegistryError(f"alias {text!r} is dangling: it points at v{version}, which does not exist "
+                            f"in {reg.store.description}") from None
     return version
 
 
-def show_list(args, reg: Registry) -> None:
-    manifests = reg.versions()
-    aliases = reg.aliases()
+def show_list(args, reg: Registry, damaged: list) -> None:
+    every = reg.versions(damaged)
+    manifests = every[-args.limit:] if args.limit and args.limit > 0 else every
+    aliases = reg.aliases(damaged)
+    known = {m.version for m in every}
+    dangling = {name: version for name, version in aliases.items() if version not in known}
     by_version: dict[int, list[str]] = {}
     for name, version in aliases.items():
         by_version.setdefault(version, []).append(name)
     if args.json:
-        print_json({"versions": [m.model_dump() for m in manifests], "aliases": aliases})
+        print_json({"versions": [m.model_dump() for m in manifests], "aliases": aliases, "dangling": dangling,
+                    "damaged": [str(record) for record in damaged]})
         return
     rows = [[m.version, m.stage, m.created_at[:19], m.parent, m.sha256[:12], m.actor,
              ", ".join(by_version.get(m.version, []))] for m in manifests]
     print(table(["version", "stage", "created", "parent", "sha256", "actor", "aliases"], rows)
           if rows else "(no versions)")
+    for name, version in dangling.items():
+        print(f"dangling alias: {name} -> v{version} (no such version)")
+
+
+def show_history(args, reg: Registry, damaged: list) -> None:
+    limit = args.limit if args.limit and args.limit > 0 else None
+    events = reg.events(limit=limit, damaged=damaged)
+    columns = ["time", "actor", "action", "alias", "version", "reason"]
+    emit(args, events, table(columns, [[e.get(k) for k in columns] for e in events]) if events else "(no events)")
+    if limit and len(events) == limit:
+        print(f"(the newest {limit} events; --limit 0 shows all)", file=sys.stderr)
+
+
+def parse_age(text: str) -> float:
+    match = _AGE_RE.fullmatch(text.strip())
+    if not match:
+        raise RegistryError(f"--older-than {shorten(text)}: expected a number with s, m, h or d, e.g. 24h")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def run_gc(args, reg: Registry) -> None:
+    found = reg.gc(parse_age(args.older_than), apply=args.apply)
+    if args.json:
+        print_json(found)
+        return
+    leftovers = found["leftovers"]
+    verb = "removed" if args.apply else "would remove (dry run; --apply removes them)"
+    if leftovers:
+        total = sum(item["bytes"] for item in leftovers)
+        print(f"{verb}: {len(leftovers)} leftovers, {total / 1e6:.1f} MB")
+        print(table(["key", "kind", "bytes", "age", "what"],
+                    [[i["key"], i["kind"], i["bytes"], f"{i['age_s'] / 3600:.1f} h", i["note"]] for i in leftovers]))
+    else:
+        print(f"no leftovers older than {args.older_than}")
+    repairs = {"missing from the index": found["reindex"], "bytes without a sha256 claim": found["claim_bytes"]}
+    for what, numbers in repairs.items():
+        if numbers:
+            print(f"{what} ({'repaired' if args.apply else '--apply repairs'}): "
+                  + ", ".join(f"v{n}" for n in numbers))
+    if found["latest"] is not None:
+        print(f"claims/latest.json {'raised' if args.apply else 'to raise (--apply)'} to {found['latest']}")
 
 
 def show_version(args, reg: Registry, version: int) -> None:

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -22,9 +23,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3server import free_port, moto_s3  # noqa: E402,F401  (moto_s3 is a fixture)
 
+from pipeline import registry as registry_module  # noqa: E402
 from pipeline.params import RegistryParams  # noqa: E402
-from pipeline.registry import (ChecksumError, Manifest, RegistryError, configure_dvc_remote,  # noqa: E402
-                               dvc_remote_url, open_registry)
+from pipeline.registry import (ChecksumError, DamagedRecord, Manifest, RegistryError,  # noqa: E402
+                               RegistryUnavailable, configure_dvc_remote, dvc_remote_url, open_registry)
 
 MODEL = "detector"
 
@@ -109,8 +111,9 @@ def test_same_primary_bytes_return_the_existing_version(backend, tmp_path):
 
 def test_missing_version_and_bad_register_arguments(backend, tmp_path):
     reg = open_registry(backend.params)
-    with pytest.raises(RegistryError, match="no version 7"):
+    with pytest.raises(RegistryError, match="no version 7") as missing:
         reg.manifest(7)
+    assert not isinstance(missing.value, RegistryUnavailable)  # retrying would not make it appear
     with pytest.raises(RegistryError, match="primary 'nope.pt'"):
         reg.register(stage="train", files={"best.pt": write(tmp_path / "x.pt", "x")}, primary="nope.pt")
     with pytest.raises(RegistryError, match="does not exist"):
@@ -164,12 +167,20 @@ def test_relative_local_uri_is_under_the_current_directory(tmp_path, monkeypatch
 # ---------------------------------------------------------------- concurrency
 
 
-def register_and_promote(params: dict, workdir: str, writer: str, start_at: float) -> int:
+_start: threading.Barrier | None = None  # in the spawned processes, set by the pool's initializer
+
+
+def _set_start(barrier) -> None:
+    global _start
+    _start = barrier
+
+
+def register_and_promote(params: dict, workdir: str, writer: str, start=None) -> int:
     """One writer: register its own weights, then make them production. Runs in threads and in
     spawned processes, so it takes only plain arguments."""
     reg = open_registry(RegistryParams(**params))
     weights = write(Path(workdir) / f"{writer}.pt", f"weights of {writer}\n" * 100)
-    time.sleep(max(0.0, start_at - time.time()))  # everyone starts at the same moment
+    (start or _start).wait(timeout=60)  # everyone starts at the same moment
     m = reg.register(stage="train", files={"best.pt": weights}, primary="best.pt", actor=writer)
     reg.set_alias("production", m.version, reason=f"promoted by {writer}", actor=writer)
     return m.version
@@ -179,25 +190,26 @@ def test_concurrent_threads_and_processes_register_and_promote(backend, tmp_path
     threads, processes = 4, 3
     params = backend.params.model_dump()
     writers = [f"thread-{i}" for i in range(threads)] + [f"process-{i}" for i in range(processes)]
-    start_at = time.time() + 2.5  # time for the spawned processes to import everything
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(len(writers))
     results: dict[str, int] = {}
     errors = []
 
     def in_thread(writer):
         try:
-            results[writer] = register_and_promote(params, str(tmp_path), writer, start_at)
+            results[writer] = register_and_promote(params, str(tmp_path), writer, start)
         except Exception as e:  # surfaced by the assert below
             errors.append(e)
 
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+    with context.Pool(processes, initializer=_set_start, initargs=(start,)) as pool:
         pending = pool.starmap_async(register_and_promote,
-                                     [(params, str(tmp_path), w, start_at) for w in writers[threads:]])
+                                     [(params, str(tmp_path), w) for w in writers[threads:]])
         running = [threading.Thread(target=in_thread, args=(w,)) for w in writers[:threads]]
         for t in running:
             t.start()
         for t in running:
             t.join()
-        results.update(zip(writers[threads:], pending.get(timeout=60)))
+        results.update(zip(writers[threads:], pending.get(timeout=120)))
     assert errors == []
 
     reg = open_registry(backend.params)
@@ -220,10 +232,86 @@ def test_concurrent_threads_and_processes_register_and_promote(backend, tmp_path
     events = reg.events()
     registers = [e for e in events if e["action"] == "register"]
     promotes = [e for e in events if e["action"] == "promote"]
-    assert len(events) == 2 * everyone
+    assert len(events) == 2 * everyone and not any(e.get("restored") for e in events)
     assert sorted(e["version"] for e in registers) == list(range(1, everyone + 1))
     assert sorted((e["actor"], e["version"]) for e in promotes) == sorted(results.items())
     assert all(e["reason"] == f"promoted by {e['actor']}" for e in promotes)
+
+
+def test_same_bytes_registered_at_once_become_one_version(backend, tmp_path):
+    writers = 8
+    start = threading.Barrier(writers)
+    versions, errors = [], []
+
+    def writer(i: int):
+        try:
+            reg = open_registry(backend.params)
+            weights = write(tmp_path / f"copy-{i}.pt", "the same weights\n" * 1000)
+            start.wait(timeout=30)
+            versions.append(reg.register(stage="train", files={"best.pt": weights}, primary="best.pt",
+                                         actor=f"writer-{i}").version)
+        except Exception as e:  # surfaced by the assert below
+            errors.append(e)
+
+    running = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    assert errors == [] and versions == [1] * writers
+    reg = open_registry(backend.params)
+    assert [m.version for m in reg.versions()] == [1]
+    assert [e["action"] for e in reg.events()] == ["register"]
+
+
+def claim_the_bytes(reg, sha: str, host: str, pid: int) -> None:
+    """What a writer that started registering these bytes and then died leaves in the store."""
+    claim = {"sha256": sha, "id": uuid.uuid4().hex, "actor": "gone", "host": host, "pid": pid}
+    assert reg.store.put_if_absent(f"{MODEL}/sha256/{sha}.json", json.dumps(claim).encode())
+
+
+def test_the_same_bytes_of_a_writer_that_died_are_taken_over(tmp_path, monkeypatch):
+    params = RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL)
+    reg = open_registry(params)
+    weights = write(tmp_path / "w.pt", "weights of a writer that died")
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()  # its pid belongs to no process now
+    claim_the_bytes(reg, hashlib.sha256(weights.read_bytes()).hexdigest(), socket.gethostname(), exited.pid)
+    assert reg.register(stage="train", files={"best.pt": weights}, primary="best.pt").version == 1
+
+    # A writer on another host cannot be asked: its claim is taken over once not renewed for LEASE_S.
+    monkeypatch.setattr(registry_module, "LEASE_S", 0.2)
+    other = write(tmp_path / "other.pt", "weights of a writer on a host that went away")
+    claim_the_bytes(reg, hashlib.sha256(other.read_bytes()).hexdigest(), "another-host", 1)
+    assert reg.register(stage="train", files={"best.pt": other}, primary="best.pt").version == 2
+    assert [m.version for m in open_registry(params).versions()] == [1, 2]
+
+
+def test_a_registration_slower_than_its_lease_keeps_the_bytes(tmp_path, monkeypatch):
+    """The lease is renewed while the files upload, so a writer of the same bytes waits for it."""
+    monkeypatch.setattr(registry_module, "LEASE_S", 0.5)
+    params = RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL)
+    slow = open_registry(params)
+    upload = slow.store.put_if_absent
+    uploading = threading.Event()
+
+    def slow_upload(key, data):
+        if key.endswith("/best.pt"):
+            uploading.set()
+            time.sleep(1.5)  # three leases long
+        return upload(key, data)
+    slow.store.put_if_absent = slow_upload
+    weights = write(tmp_path / "slow.pt", "the same weights")
+    result = {}
+    writer = threading.Thread(target=lambda: result.update(
+        slow=slow.register(stage="train", files={"best.pt": weights}, primary="best.pt").version))
+    writer.start()
+    assert uploading.wait(timeout=30)
+    copy = write(tmp_path / "copy.pt", "the same weights")
+    fast = open_registry(params).register(stage="train", files={"best.pt": copy}, primary="best.pt")
+    writer.join()
+    assert result["slow"] == fast.version == 1
+    assert [m.version for m in open_registry(params).versions()] == [1]
 
 
 # ---------------------------------------------------------------- failures
@@ -272,6 +360,218 @@ def test_killed_upload_process_leaves_no_version(backend, tmp_path):
     assert reg.versions() == []
     assert register_model(reg, tmp_path, "a").version == 2
 
+    # `registry gc` finds what the killed writer left: its claim, its file and its claim of the bytes;
+    # nothing younger than the age asked for, nothing of v2. A dry run removes nothing.
+    assert reg.gc(older_than_s=3600)["leftovers"] == []
+    two_hours_later = time.time() + 7200
+    found = reg.gc(older_than_s=3600, now=two_hours_later)
+    leftovers = {f"{MODEL}/claims/1", f"{MODEL}/versions/1/best.pt",
+                 f"{MODEL}/sha256/{hashlib.sha256(big.read_bytes()).hexdigest()}.json"}
+    assert {item["key"] for item in found["leftovers"]} == leftovers and not found["applied"]
+    assert leftovers <= set(reg.store.list(MODEL + "/"))
+    reg.gc(older_than_s=3600, apply=True, now=two_hours_later)
+    assert not leftovers & set(reg.store.list(MODEL + "/"))
+    assert json.loads(reg.store.get(f"{MODEL}/index/0.json")[0])["gone"] == [1]  # listing stops looking
+    assert reg.fetch(2, tmp_path / "after-gc")["best.pt"].read_text() == "weights a"
+    assert reg.events()[-1]["action"] == "gc" and "v1" in reg.events()[-1]["reason"]
+    assert register_model(reg, tmp_path, "b").version == 3  # numbers are not reused
+
+
+def test_gc_removes_temp_files_of_killed_writers_in_a_folder_store(tmp_path):
+    reg = open_registry(RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL))
+    register_model(reg, tmp_path, "a")
+    old = write(tmp_path / "registry" / MODEL / "versions" / "2" / ".tmp-k1ll3d", os.urandom(1 << 20))
+    young = write(tmp_path / "registry" / MODEL / "aliases" / ".production.json.x1y2.tmp", b"{")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    found = reg.gc(older_than_s=3600)
+    assert [(i["key"], i["kind"], i["bytes"]) for i in found["leftovers"]] == [
+        (f"{MODEL}/versions/2/.tmp-k1ll3d", "temp", 1 << 20)]
+    assert old.exists()
+    reg.gc(older_than_s=3600, apply=True)
+    assert not old.exists() and young.exists()
+    assert [m.version for m in reg.versions()] == [1]
+
+
+def test_a_registry_written_by_the_older_code_lists_registers_and_is_repaired_by_gc(backend, tmp_path):
+    reg = open_registry(backend.params)
+    register_model(reg, tmp_path, "a")
+    register_model(reg, tmp_path, "b")
+    # The older code wrote claims, versions, aliases and events, but no index, sha256 claims or
+    # claims/latest.json.
+    for key in reg.store.list(MODEL + "/"):
+        if key.startswith((f"{MODEL}/index/", f"{MODEL}/sha256/")) or key == f"{MODEL}/claims/latest.json":
+            reg.store.delete(key)
+    old = open_registry(backend.params)
+    assert [m.version for m in old.versions()] == [1, 2]
+    assert register_model(old, tmp_path, "c").version == 3
+    assert [m.version for m in open_registry(backend.params).versions()] == [1, 2, 3]
+    found = old.gc(older_than_s=3600)
+    assert (found["leftovers"], found["reindex"], found["claim_bytes"], found["latest"]) == ([], [1, 2], [1, 2], None)
+    old.gc(older_than_s=3600, apply=True)
+    assert json.loads(old.store.get(f"{MODEL}/index/0.json")[0])["versions"].keys() == {"1", "2", "3"}
+    assert register_model(old, tmp_path, "a").version == 1  # the same bytes are found again
+    again = old.gc(older_than_s=3600)
+    assert (again["reindex"], again["claim_bytes"], again["latest"]) == ([], [], None)
+
+
+def test_the_latest_number_only_goes_up(tmp_path):
+    """A writer that took v2 but records it after another took v3 must not hide v3 from listing."""
+    reg = open_registry(RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL))
+    for name in "abc":
+        register_model(reg, tmp_path, name)
+    reg._raise_latest(2, None)  # late, and with a stale view: it must find 3 and leave it
+    assert json.loads(reg.store.get(f"{MODEL}/claims/latest.json")[0]) == {"version": 3}
+    assert [m.version for m in open_registry(RegistryParams(uri=str(tmp_path / "registry"),
+                                                           model_name=MODEL)).versions()] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- crashes between a write and its event
+
+
+CRASH_SCRIPT = """
+import sys
+from pathlib import Path
+from pipeline.params import RegistryParams
+from pipeline.registry import open_registry
+reg = open_registry(RegistryParams.model_validate_json(sys.argv[1]))
+store, armed = reg.store, []
+def stop_before_the_next_event(write):
+    def call(key, *args):
+        if armed and '/events/' in key:
+            print('CRASH POINT', flush=True)
+            sys.stdin.readline()  # killed here
+        result = write(key, *args)
+        if result and key.endswith(sys.argv[2]):
+            armed.append(key)
+        return result
+    return call
+store.put_if_absent = stop_before_the_next_event(store.put_if_absent)
+store.put_if_match = stop_before_the_next_event(store.put_if_match)
+exec(sys.argv[3])
+"""
+
+
+def kill_between_write_and_event(backend, written: str, code: str, *args: str) -> None:
+    """Run `code` in a writer process and kill -9 it once it has written `written` and is about to
+    write the event."""
+    writer = subprocess.Popen([sys.executable, "-c", CRASH_SCRIPT, backend.params.model_dump_json(), written,
+                               code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline().strip() == "CRASH POINT"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_move_killed_before_its_event_is_still_in_the_history(backend, tmp_path):
+    reg = open_registry(backend.params)
+    register_model(reg, tmp_path, "a")
+    register_model(reg, tmp_path, "b")
+    reg.set_alias("production", 1, reason="first", actor="alice")
+    kill_between_write_and_event(backend, "aliases/production.json",
+                                 "reg.set_alias('production', 2, reason='second', actor='killed')")
+
+    reg = open_registry(backend.params)
+    assert reg.alias("production") == 2
+    last = reg.events()[-1]
+    assert (last["action"], last["version"], last.get("previous"), last["actor"], last["reason"],
+            last.get("restored")) == ("promote", 2, 1, "killed", "second", True)
+    # The next move writes the lost event for good, in its place in time.
+    assert reg.rollback(reason="back", actor="bob") == 1
+    moves = [(e["action"], e["version"], e["actor"], e.get("restored", False))
+             for e in reg.events() if e["action"] != "register"]
+    assert moves == [("promote", 1, "alice", False), ("promote", 2, "killed", False),
+                     ("rollback", 1, "bob", False)]
+
+
+# The folder store only: what restores the event is the same for both stores (the move's test runs on both).
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_a_registration_killed_before_its_event_is_still_in_the_history(backend, tmp_path):
+    weights = write(tmp_path / "w.pt", "weights")
+    kill_between_write_and_event(
+        backend, "manifest.json",
+        "reg.register(stage='train', files={'best.pt': Path(sys.argv[4])}, primary='best.pt', actor='killed')",
+        str(weights))
+    reg = open_registry(backend.params)
+    assert [m.version for m in reg.versions()] == [1]
+    events = reg.events()
+    assert [(e["action"], e["version"], e["actor"], e["reason"], e["restored"]) for e in events] == [
+        ("register", 1, "killed", "stage train", True)]
+    assert events[0]["time"] == reg.manifest(1).created_at
+    assert reg.register(stage="train", files={"best.pt": weights}, primary="best.pt").version == 1
+
+
+# ---------------------------------------------------------------- hostile or damaged records
+
+
+def test_fetch_never_writes_outside_its_destination(backend, tmp_path):
+    reg = open_registry(backend.params)
+    m = register_model(reg, tmp_path, "a")
+    hostile = json.loads(m.model_dump_json())
+    hostile["files"]["../../../../payload"] = {"sha256": "0" * 64, "bytes": 3}
+    backend.overwrite(f"{MODEL}/versions/1/manifest.json", json.dumps(hostile).encode())
+    backend.overwrite(f"{MODEL}/versions/1/../../../../payload", b"pwn")
+
+    dest = tmp_path / "a" / "b" / "c" / "dest"
+    with pytest.raises(DamagedRecord) as error:
+        open_registry(backend.params).fetch(1, dest)
+    assert f"{MODEL}/versions/1/manifest.json" in str(error.value) and "../../../../payload" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "a" / "payload").exists()
+    assert not dest.exists() or list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, change", [
+    ("versions/1/manifest.json", lambda doc: {**doc, "stage": "../train"}),
+    ("versions/1/manifest.json", lambda doc: {**doc, "primary": "../best.pt",
+                                              "files": {"../best.pt": doc["files"]["best.pt"]}}),
+    ("versions/1/manifest.json", lambda doc: {**doc, "version": True}),
+    ("aliases/production.json", lambda doc: {**doc, "alias": "../production"}),
+    ("aliases/production.json", lambda doc: {**doc, "history": ["../../x"]}),
+])
+def test_names_in_stored_documents_are_checked_on_load(tmp_path, key, change):
+    params = RegistryParams(uri=str(tmp_path / "registry"), model_name=MODEL)
+    reg = open_registry(params)
+    register_model(reg, tmp_path, "a")
+    reg.set_alias("production", 1, reason="first")
+    path = tmp_path / "registry" / MODEL / key
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    fresh = open_registry(params)
+    with pytest.raises(DamagedRecord) as error:
+        fresh.fetch(1, tmp_path / "dest") if key.startswith("versions") else fresh.alias("production")
+    assert str(path) in str(error.value)
+
+
+# ---------------------------------------------------------------- cost at any history
+
+
+def test_register_list_and_history_cost_the_same_at_any_history(moto_s3, tmp_path):
+    bucket = moto_s3.create_bucket(f"cost-{uuid.uuid4().hex[:12]}")
+    params = RegistryParams(uri=f"s3://{bucket}/team", model_name=MODEL, endpoint_url=moto_s3.endpoint)
+    reg = open_registry(params)
+
+    def requests(action) -> int:
+        before = moto_s3.app.requests
+        action()
+        return moto_s3.app.requests - before
+
+    registers, lists = {}, {}
+    for n in range(1, 7):
+        registers[n] = requests(lambda: register_model(reg, tmp_path, f"w{n}"))
+        lists[n] = requests(lambda: open_registry(params).versions())
+    assert registers[2] == registers[6]
+    assert lists[2] == lists[6]
+    assert [m.version for m in open_registry(params).versions()] == list(range(1, 7))
+
+    def newest_events():
+        assert len(open_registry(params).events(limit=5)) == 5
+    reg.set_alias("production", 1, reason="first release")
+    before = requests(newest_events)
+    for n in range(2, 7):
+        reg.set_alias("production", n, reason=f"release {n}")
+    assert requests(newest_events) == before
+
 
 def test_corrupted_object_fails_fetch_and_leaves_nothing(backend, tmp_path):
     reg = open_registry(backend.params)
@@ -283,6 +583,7 @@ def test_corrupted_object_fails_fetch_and_leaves_nothing(backend, tmp_path):
     with pytest.raises(ChecksumError) as error:
         reg.fetch(1, dest)
     assert "best.pt" in str(error.value) and m.sha256 in str(error.value)
+    assert not isinstance(error.value, RegistryUnavailable)
     assert list(dest.iterdir()) == []  # not even the intact metrics.json
 
 
@@ -300,7 +601,7 @@ def test_unreachable_s3_endpoint_fails_quickly_and_clearly(moto_s3):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     reg = open_registry(RegistryParams(uri="s3://models/team", endpoint_url=endpoint))
     started = time.monotonic()
-    with pytest.raises(RegistryError) as error:
+    with pytest.raises(RegistryUnavailable) as error:  # transient: the flow retries exactly these
         reg.versions()
     assert time.monotonic() - started < 15
     assert endpoint in str(error.value) and "cannot reach" in str(error.value)
@@ -315,18 +616,19 @@ def test_s3_write_conflicts_are_retried_and_precondition_failures_mean_taken(mot
     with Stubber(store.client) as stub:
         stub.add_client_error("put_object", "ConditionalRequestConflict", http_status_code=409)
         stub.add_response("put_object", {"ETag": '"abc"'})
-        assert store.put_if_absent("detector/claims/1", b"claim") is True
+        assert store.put_if_absent("detector/claims/1", b"claim") == '"abc"'  # the new ETag
         stub.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
-        assert store.put_if_absent("detector/claims/1", b"claim") is False
+        assert store.put_if_absent("detector/claims/1", b"claim") is None
         stub.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
-        assert store.put_if_match("detector/aliases/production.json", b"{}", '"old"') is False
+        assert store.put_if_match("detector/aliases/production.json", b"{}", '"old"') is None
         stub.assert_no_pending_responses()
 
 
 def test_missing_bucket_is_a_registry_error(moto_s3):
     reg = open_registry(RegistryParams(uri="s3://no-such-bucket-here/x", endpoint_url=moto_s3.endpoint))
-    with pytest.raises(RegistryError, match="NoSuchBucket"):
+    with pytest.raises(RegistryError, match="NoSuchBucket") as error:
         reg.versions()
+    assert not isinstance(error.value, RegistryUnavailable)
 
 
 # ---------------------------------------------------------------- aliases, rollback, lineage

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import registry_cli
 from pipeline.params import Params, RegistryParams
-from pipeline.registry import RegistryError, open_registry
+from pipeline.registry import DamagedRecord, RegistryError, open_registry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,13 @@ def test_list(params, three_versions, capsys):
 
 def test_list_of_an_empty_registry(params, capsys):
     assert run(params, capsys, "list") == "(no versions)\n"
-    assert run(params, capsys, "list", "--json") == {"versions": [], "aliases": {}}
+    assert run(params, capsys, "list", "--json") == {"versions": [], "aliases": {}, "dangling": {}, "damaged": []}
+
+
+def test_list_and_history_pages(params, three_versions, capsys):
+    assert [m["version"] for m in run(params, capsys, "list", "--limit", "2", "--json")["versions"]] == [2, 3]
+    history = run(params, capsys, "history", "--limit", "2", "--json")
+    assert [(e["action"], e["version"]) for e in history] == [("register", 3), ("promote", 1)]
 
 
 def test_show_prints_manifest_and_lineage(params, three_versions, capsys):
@@ -155,3 +161,123 @@ def test_dvc_remote_for_a_local_registry(tmp_path, capsys):
     config = (repo / ".dvc" / "config").read_text()
     # Stored relative to .dvc/, so it means <repo>/registry/dvc in every checkout.
     assert "remote = registry" in config and "url = ../registry/dvc" in config
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_only_ascii_digits_of_bounded_length_are_versions(params, three_versions):
+    # '\u00b2' (superscript two) and '\u0661' (Arabic-Indic one) are digits to str.isdigit
+    for text in ["\u00b2", "\u0661", "1" * 5000, "0", "-1", "1.0", "v 1"]:
+        for argv in (["show", text], ["diff", "1", text], ["promote", text, "--to", "candidate"],
+                     ["rollback", "--to", text]):
+            with pytest.raises(RegistryError) as error:
+                registry_cli.main(parse(*argv), params)
+            assert len(str(error.value)) < 200 and "\n" not in str(error.value), (argv, error.value)
+    assert three_versions.alias("production") == 1 and three_versions.alias("candidate") is None
+
+
+def pipeline_main(tmp_path, capsys, *argv: str) -> tuple[int, list[str]]:
+    """`python -m pipeline registry ...` in this process: its exit code and its stderr lines."""
+    from pipeline.__main__ import main
+    code = main(["registry", "--params", str(tmp_path / "none.yaml"), *argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_bad_endpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    assert pipeline_main(tmp_path, capsys, "--set", "registry.uri=s3://models/x", "--set",
+                         "registry.endpoint_url=notaurl", "list") == (
+        2, ["error: registry.endpoint_url 'notaurl': expected http(s)://host[:port]"])
+
+
+# ---------------------------------------------------------------- damaged records
+
+
+def damage(params, key: str, data: bytes) -> Path:
+    path = Path(params.registry.uri) / "detector" / key
+    path.write_bytes(data)
+    return path
+
+
+def run_with_errors(params, capsys, *argv: str):
+    """Run a command that meets damaged records: exit 2, its output, the error lines."""
+    assert registry_cli.main(parse(*argv), params) == 2
+    out, err = capsys.readouterr()
+    return (json.loads(out) if "--json" in argv else out), err.splitlines()
+
+
+def test_damaged_manifests_are_skipped_by_list_and_one_line_elsewhere(params, three_versions, capsys):
+    index = damage(params, "index/0.json", b"\x00garbage")
+    manifest = damage(params, "versions/2/manifest.json", b'{"model": "detector", "version": 2')
+    listed, errors = run_with_errors(params, capsys, "list", "--json")
+    assert [m["version"] for m in listed["versions"]] == [1, 3]  # from the manifests themselves
+    assert len(errors) == 2 and all(line.startswith("error: skipped ") for line in errors)
+    assert f"{index}: not a valid index page" in errors[0] and f"{manifest}: not valid JSON" in errors[1]
+    assert listed["damaged"] == [line[len("error: skipped "):] for line in errors]
+
+    for argv in (["show", "2"], ["diff", "1", "2"], ["promote", "2", "--to", "candidate"]):
+        with pytest.raises(DamagedRecord, match="not valid JSON") as error:
+            registry_cli.main(parse(*argv), params)
+        assert str(error.value).startswith(f"{manifest}: ") and "\n" not in str(error.value)
+
+    damage(params, "versions/3/manifest.json", b'{"model": "detector", "version": 3, "files": []}')
+    with pytest.raises(DamagedRecord, match="versions/3/manifest.json: not a valid Manifest record"):
+        registry_cli.main(parse("show", "3"), params)
+
+
+def test_a_damaged_alias_is_one_line_and_list_shows_the_rest(params, three_versions, capsys):
+    alias = damage(params, "aliases/production.json", b'{"alias": "production", "version": "one"}')
+    for argv in (["promote", "2", "--to", "production"], ["rollback"], ["show", "production"]):
+        with pytest.raises(DamagedRecord) as error:
+            registry_cli.main(parse(*argv), params)
+        assert str(error.value).startswith(f"{alias}: not a valid AliasDoc record: version:")
+    listed, errors = run_with_errors(params, capsys, "list", "--json")
+    assert [m["version"] for m in listed["versions"]] == [1, 2, 3] and listed["aliases"] == {}
+    assert errors == [f"error: skipped {alias}: not a valid AliasDoc record: version: Input should be a "
+                      f"valid integer"]
+    history, errors = run_with_errors(params, capsys, "history", "--json")
+    assert [e["action"] for e in history] == ["register"] * 3 + ["promote"] and len(errors) == 1
+
+
+def test_a_damaged_event_is_skipped_by_history(params, three_versions, capsys):
+    events = sorted((Path(params.registry.uri) / "detector" / "events").iterdir())
+    events[1].write_text('{"action": "register", "version": 2}')
+    history, errors = run_with_errors(params, capsys, "history", "--json")
+    assert [(e["action"], e["version"]) for e in history] == [("register", 1), ("register", 3), ("promote", 1)]
+    assert errors == [f"error: skipped {events[1]}: not a valid Event record: time: Field required "
+                      f"(and 1 more problems)"]
+    text, _ = run_with_errors(params, capsys, "history")
+    assert "first release" in text
+
+
+def test_a_dangling_alias_is_shown_not_hidden(params, three_versions, capsys):
+    doc = json.loads((Path(params.registry.uri) / "detector" / "aliases" / "production.json").read_text())
+    damage(params, "aliases/candidate.json", json.dumps({**doc, "alias": "candidate", "version": 9}).encode())
+    assert run(params, capsys, "list", "--json")["dangling"] == {"candidate": 9}
+    assert "dangling alias: candidate -> v9 (no such version)" in run(params, capsys, "list").splitlines()
+    with pytest.raises(RegistryError, match="alias 'candidate' is dangling: it points at v9"):
+        registry_cli.main(parse("show", "candidate"), params)
+
+
+def test_damaged_records_through_python_dash_m_pipeline(params, three_versions, tmp_path, capsys):
+    manifest = damage(params, "versions/2/manifest.json", b"[]")
+    assert pipeline_main(tmp_path, capsys, "--set", f"registry.uri={params.registry.uri}", "show", "2") == (
+        2, [f"error: {manifest}: not a valid Manifest record: the document: Input should be an object"])
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_is_a_dry_run_unless_applied(params, three_versions, capsys):
+    root = Path(params.registry.uri) / "detector"
+    (root / "claims" / "4").write_text(json.dumps({"actor": "killed@host", "time": "2020-01-01T00:00:00+00:00"}))
+    (root / "versions" / "4").mkdir()
+    (root / "versions" / "4" / "best.pt").write_bytes(b"half a model")
+    found = run(params, capsys, "gc", "--json")
+    assert sorted(item["key"] for item in found["leftovers"]) == ["detector/claims/4", "detector/versions/4/best.pt"]
+    assert (root / "claims" / "4").exists() and "would remove" in run(params, capsys, "gc")
+    assert "removed: 2 leftovers" in run(params, capsys, "gc", "--older-than", "7d", "--apply")
+    assert not (root / "claims" / "4").exists() and not (root / "versions" / "4").exists()
+    assert run(params, capsys, "gc") == "no leftovers older than 24h\n"
+    with pytest.raises(RegistryError, match="--older-than 'soon'"):
+        registry_cli.main(parse("gc", "--older-than", "soon"), params)
