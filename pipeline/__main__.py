@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "registry":
             from pipeline import registry_cli
 
-            return registry_cli.main(args, ws.params)  # TODO(merge): pass ws.root as the registry base_dir
+            return registry_cli.main(args, ws.params, ws.root)
         if args.command == "bench":
             from pipeline.bench import run_bench
 

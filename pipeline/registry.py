@@ -105,10 +105,6 @@ class RegistryUnavailable(RegistryError):
     throttling, writers that keep conflicting. Retrying later is the fix; nothing else is transient."""
 
 
-class RegistryUnavailable(RegistryError):
-    """The store failed in a way a later try may not: a timeout, a dropped connection, throttling, a 5xx."""
-
-
 class ChecksumError(RegistryError):
     """A stored file does not match the sha256 its manifest promises."""
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.params import flatten
 from pipeline.registry import (MAX_VERSION_DIGITS, PRODUCTION, DamagedRecord, Manifest, NoSuchVersion, Registry,
                                RegistryError, configure_dvc_remote, name_problem, open_registry, shorten)
 
@@ -66,15 +67,16 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace, params) -> int:
-    """Run one registry command with loaded Params; prints the result, returns the exit code."""
+def main(args: argparse.Namespace, params, base_dir: Path | None = None) -> int:
+    """Run one registry command with loaded Params (a local registry folder is relative to `base_dir`, the
+    workspace root); prints the result, returns the exit code."""
     if args.registry_command == "dvc-remote":
         url = configure_dvc_remote(params.registry, Path(args.repo))
         emit(args, {"remote": "registry", "url": url, "default": True},
              f"DVC remote 'registry' -> {url} (default)")
         return 0
 
-    reg = open_registry(params.registry)
+    reg = open_registry(params.registry, base_dir=base_dir)
     command = args.registry_command
     damaged: list[DamagedRecord] = []
     if command == "list":
@@ -228,17 +230,6 @@ def show_diff(args, reg: Registry, a: int, b: int) -> None:
 def fields_to_compare(m: Manifest) -> dict[str, Any]:
     return {"stage": m.stage, "sha256": m.sha256, "params_hash": m.params_hash,
             "dataset_hash": m.dataset_hash, "git_commit": m.git_commit, "parent": m.parent}
-
-
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'epochs': 3}} -> {'train.epochs': 3}, so nested params diff key by key."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def differing(a: dict, b: dict) -> dict[str, tuple[Any, Any]]:
