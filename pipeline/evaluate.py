@@ -1,16 +1,14 @@
 """The one evaluator. Every stage measures its artifact here, so numbers compare across stages.
 
-Accuracy goes through Ultralytics' own validator for both `.pt` (PyTorch) and `.onnx` (ONNX Runtime)
-artifacts, so NMS and the mAP definition are identical everywhere. Latency is always ONNX Runtime on
-CPU at batch 1: a `.pt` is exported to a temporary FP32 ONNX first, so a latency column means the same
-thing for every row.
+Accuracy goes through Ultralytics' own validator for `.pt` (PyTorch), `.onnx` (ONNX Runtime) and
+`*_openvino_model/` (OpenVINO) artifacts, so NMS and the mAP definition are identical everywhere. Latency
+is `pipeline.latency` on the CPU at batch 1, in the artifact's own runtime: a `.pt` is exported to a
+temporary FP32 ONNX first, so a latency column means the same thing for every row.
 """
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import yaml
 
 from pipeline import prepare_ultralytics
 from pipeline.io import copy_file
+from pipeline.latency import median_ms
 from pipeline.params import Params
 
 
@@ -38,7 +37,7 @@ def _subset_data_yaml(data_yaml: Path, max_images: int, workdir: Path) -> Path:
 
 
 def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | None = None) -> dict:
-    """mAP50-95, mAP50, precision and recall of a .pt or .onnx artifact on the val split."""
+    """mAP50-95, mAP50, precision and recall of an artifact Ultralytics loads (.pt, .onnx, OpenVINO folder)."""
     from ultralytics import YOLO
 
     prepare_ultralytics()
@@ -55,30 +54,6 @@ def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | 
     box = results.box
     return {"map50_95": float(box.map), "map50": float(box.map50),
             "precision": float(box.mp), "recall": float(box.mr)}
-
-
-def onnx_latency_ms(onnx_path: Path, threads: int, warmup: int, runs: int) -> float:
-    """Median batch-1 latency of an ONNX model in ONNX Runtime's CPU provider, after warm-up."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    model_input = session.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in model_input.shape]
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    feed = {model_input.name: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def export_fp32_onnx(pt_path: Path, out_path: Path, imgsz: int, opset: int, simplify: bool) -> Path:
@@ -111,25 +86,34 @@ def model_size(artifact: Path, imgsz: int) -> dict:
     return {"params": int(n_params), "gflops": round(float(get_flops(model, imgsz)), 4)}
 
 
+def artifact_bytes(artifact: Path) -> int:
+    """Bytes a device downloads: the file, or every file of a model folder (OpenVINO's .xml + .bin)."""
+    if artifact.is_dir():
+        return sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file() and p.suffix in {".xml", ".bin"})
+    return artifact.stat().st_size
+
+
 def evaluate(artifact: str | Path, data_yaml: str | Path, params: Params, *,
              max_images: int | None = None, latency: bool = True) -> dict:
-    """Measure one artifact (.pt or .onnx) on the val split of `data_yaml`."""
+    """Measure one artifact (.pt, .onnx or an OpenVINO model folder) on the val split of `data_yaml`."""
     artifact, data_yaml = Path(artifact), Path(data_yaml)
     if not artifact.exists():
         raise EvaluationError(f"{artifact}: no such artifact")
-    if artifact.suffix not in {".pt", ".onnx"}:
-        raise EvaluationError(f"{artifact}: expected a .pt or .onnx file")
-    file_bytes = artifact.stat().st_size
-    metrics = {**accuracy(artifact, data_yaml, params, max_images), **model_size(artifact, params.train.imgsz),
+    openvino = artifact.is_dir() and artifact.name.endswith("_openvino_model")
+    if artifact.suffix not in {".pt", ".onnx"} and not openvino:
+        raise EvaluationError(f"{artifact}: expected a .pt or .onnx file or an Ultralytics *_openvino_model folder")
+    file_bytes = artifact_bytes(artifact)
+    sizes = {"params": None, "gflops": None} if openvino else model_size(artifact, params.train.imgsz)
+    metrics = {**accuracy(artifact, data_yaml, params, max_images), **sizes,
                "file_bytes": file_bytes, "file_mb": round(file_bytes / 1e6, 4)}
     if latency:
         e = params.evaluate
-        if artifact.suffix == ".onnx":
-            metrics["latency_ms"] = onnx_latency_ms(artifact, e.threads, e.warmup, e.runs)
+        if artifact.suffix == ".onnx" or openvino:
+            metrics["latency_ms"] = median_ms(artifact, e.threads, e.warmup, e.runs)
         else:
             with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
                 onnx_path = export_fp32_onnx(artifact, Path(tmp) / "model.onnx", params.train.imgsz,
                                              params.export.opset, simplify=False)
-                metrics["latency_ms"] = onnx_latency_ms(onnx_path, e.threads, e.warmup, e.runs)
+                metrics["latency_ms"] = median_ms(onnx_path, e.threads, e.warmup, e.runs)
         metrics["latency_threads"] = e.threads
     return metrics

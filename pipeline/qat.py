@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import gates, int8, surgery
-from pipeline.evaluate import evaluate, export_fp32_onnx, onnx_latency_ms
+from pipeline.evaluate import evaluate, export_fp32_onnx
+from pipeline import latency
 from pipeline.control import best_float_model
 from pipeline.io import copy_file, read_json, write_json
 from pipeline.params import Params
@@ -346,24 +347,10 @@ def _measure_onnx(path: Path, data_yaml: Path, params: Params) -> dict:
         "integer_convs": kernels["integer_convs"], "float_convs": kernels["float_convs"],
         "qlinear_sigmoid": kernels["QLinearSigmoid"], "qlinear_mul": kernels["QLinearMul"],
         **int8.int8_initializer_bytes(path),
-        "latency_ms_1thr": onnx_latency_ms(path, 1, e.warmup, e.runs),
-        "latency_ms_2thr": onnx_latency_ms(path, 2, e.warmup, e.runs),
+        "latency_ms_1thr": latency.median_ms(path, 1, e.warmup, e.runs),
+        "latency_ms_2thr": latency.median_ms(path, 2, e.warmup, e.runs),
     })
     return metrics
-
-
-def interleaved_latency_ms(paths: dict[str, Path], threads: int, runs: int, warmup: int, rounds: int = 3) -> dict:
-    """Latency of several models measured in turns, best median of `rounds` rounds each.
-
-    The gate compares candidates that differ by a few percent on a machine whose other jobs come and go;
-    measuring each model once, minutes apart, ranked them by the machine's load instead (seen: the same
-    file at 5.9 and 13.8 ms). Turns spread the load over all of them; the best round is the least disturbed.
-    """
-    best = {name: float("inf") for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            best[name] = min(best[name], onnx_latency_ms(path, threads, warmup, runs))
-    return best
 
 
 def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Params, calib_images: list[Path],
@@ -483,11 +470,12 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
             diff = abs(candidate["metrics"]["map50_95"] - candidate["qat_torch_map50_95"])
             candidate["parity"] = {"abs_diff": diff, "passed": bool(diff <= int8.PARITY_TOLERANCE)}
-    # Gate and choice use latencies measured in turns (see interleaved_latency_ms); the evaluator's own
-    # single measurement stays in the metrics as eval_latency_ms.
+    # Gate and choice use latencies measured in turns: candidates differ by a few percent and measuring each
+    # once, minutes apart, ranked them by the machine's load (seen: the same file at 5.9 and 13.8 ms). The
+    # evaluator's own single measurement stays in the metrics as eval_latency_ms.
     e = params.evaluate
     paths = {"reference": reference_onnx, **{n: Path(c["path"]) for n, c in candidates.items()}}
-    latencies = interleaved_latency_ms(paths, e.threads, e.runs, e.warmup)
+    latencies = {name: m["median_ms"] for name, m in latency.interleaved(paths, e.threads, e.warmup, e.runs).items()}
     reference["eval_latency_ms"], reference["latency_ms"] = reference["latency_ms"], latencies["reference"]
     for name, candidate in candidates.items():
         m = candidate["metrics"]
