@@ -66,13 +66,14 @@ def sub_workspace(ws: Workspace, root: Path, changes: dict[str, object]) -> Path
 
 def run_pipeline(root: Path, fresh: bool = False) -> dict:
     """`python -m pipeline run` in the workspace `root`, in a process of its own (a clean torch/Ultralytics
-    state; a failing run leaves the others going). A run that already finished with the same params.yaml is
-    not repeated unless `fresh`. Returns {"returncode", "seconds", "log", "reused"}."""
+    state; a failing run leaves the others going). A run that already finished with the same params.yaml (all
+    gates passed, exit 0, or a gate's verdict failed, exit 1: the same params give the same verdict) is not
+    repeated unless `fresh`; a crash is. Returns {"returncode", "seconds", "log", "reused"}."""
     record_path = root / "run.json"
     current = params_hash(yaml.safe_load((root / "params.yaml").read_text()))
     if not fresh and record_path.is_file():
         record = read_json(record_path)
-        if record.get("params_hash") == current and record.get("returncode") == 0:
+        if record.get("params_hash") == current and record.get("returncode") in (0, 1):
             return {**record, "reused": True}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()

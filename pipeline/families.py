@@ -7,7 +7,8 @@ workspace per model YAML under `bench/families/<model>/` (`bench.sub_workspace`:
 (a finished run with the same params is reused), then measures both ONNX models of every family with the
 shared evaluator, timed in turns in ONNX Runtime (`bench.accuracy_row`, `bench.timed_rows`: the same
 measurement as the benchmark table) and writes bench/results/families.md and families.json. A family whose
-run stops at a gate still gets a row: its FP32 column, and which gate stopped it.
+run stops at a gate still gets a row: its FP32 column, its INT8 column if qat made one, and which gate
+stopped it with the measured value.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
     for stage in [stage.name for stage in RUN_STAGES]:
         gate = outputs / stage / ("report.json" if stage == "gate" else "gate.json")
         if gate.is_file() and not read_json(gate)["passed"]:
-            failed = [c["gate"] for c in read_json(gate)["checks"] if not c["passed"]]
+            failed = [c["gate"] + (f" {c['value']:.3f} (limit {c['limit']})" if "value" in c and "limit" in c else "")
+                      for c in read_json(gate)["checks"] if not c["passed"]]
             stopped = f"{stage} gate failed: {', '.join(failed)}"
             break
     return applied, stopped
@@ -85,7 +87,9 @@ def family_row(model_yaml: str, root: Path, data_yaml: Path, params: Params, run
 
     outputs = root / "outputs"
     trained = outputs / "train" / "best.pt"
-    final = outputs / "export" / "model.onnx"
+    # A run stopped by the qat gate still made its INT8 model: measured, the row shows what the gate refused.
+    final = next((p for p in (outputs / "export" / "model.onnx", outputs / "qat" / "model_int8.onnx") if p.is_file()),
+                 None)
     applied, stopped = stages_applied(outputs)
     row = {"family": FAMILIES.get(model_yaml, model_yaml), "model": model_yaml, "fp32": None, "int8": None,
            "stages": applied, "stopped": stopped}
@@ -96,7 +100,7 @@ def family_row(model_yaml: str, root: Path, data_yaml: Path, params: Params, run
                                     params.export.simplify)
             row["fp32"] = accuracy_row("FP32 ONNX", "onnxruntime", fp32, trained, data_yaml, params)
             measured.append(row["fp32"])
-        if final.is_file() and not stopped:
+        if final is not None:
             row["int8"] = accuracy_row("final INT8", "onnxruntime", final, outputs / "prune" / "best.pt",
                                        data_yaml, params)
             measured.append(row["int8"])
