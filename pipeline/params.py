@@ -117,6 +117,9 @@ class QatParams(Section):
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator
+    # The CPU the INT8 model is for: vnni and arm64 get 8-bit weights, avx2 (x86 without VNNI) 7-bit, whose
+    # int16 accumulation saturates with full-range weights; auto: this machine's (pipeline.int8.resolve_target_cpu).
+    target_cpu: Literal["auto", "vnni", "avx2", "arm64"] = "auto"
     # Several candidates pass: the fastest within this much mAP50-95 of the most accurate passing one.
     choice_tolerance: float = 0.005
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)
