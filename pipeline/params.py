@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 DEMO_DATA_YAML = "data/demo/data.yaml"
@@ -84,6 +84,14 @@ class EvaluateParams(Section):
 class ExportParams(Section):
     opset: int = 17
     simplify: bool = True
+    # The OpenVINO IR beside the ONNX Runtime model: qdq converts our INT8 QDQ ONNX, nncf has NNCF quantize the
+    # pruned float model with the qat calibration images, off writes none (pipeline/export.py).
+    openvino: Literal["qdq", "nncf", "off"] = "qdq"
+
+    @field_validator("openvino", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
