@@ -171,8 +171,10 @@ def write_openvino(method: str, int8_onnx: Path, float_onnx: Path, out_dir: Path
         model = ov.convert_model(str(int8_onnx))
     elif method == "nncf":
         model = nncf_quantize(float_onnx, list(calib_images))
-        # NNCF's own scheme: full 8-bit weights (OpenVINO's CPU kernels do not saturate on AVX2).
+        # NNCF's own weight scheme, not the ONNX's: 8-bit weights, with NNCF's default overflow fix (7-bit in the
+        # first layer) for CPUs without VNNI; the ONNX's target CPU does not describe this model.
         metadata["int8_weight_bits"] = "8"
+        metadata.pop("int8_target_cpu", None)
     else:
         raise ExportError(f"export.openvino must be qdq, nncf or off, got {method!r}")
     metadata["int8_openvino_method"] = method
