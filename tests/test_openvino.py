@@ -89,7 +89,10 @@ def test_export_and_gate_register_and_promote_both_targets_with_one_lineage(trai
     onnx_manifest = registry.manifest(registry.alias("exported"))
     ov_manifest = registry.manifest(registry.alias(export.OPENVINO_ALIAS))
     assert ov_manifest.version != onnx_manifest.version
-    assert ov_manifest.parent == onnx_manifest.parent == registry.alias("qat")
+    qat_version = registry.alias("qat")
+    # Both derive from the qat version (the ONNX is that version itself when its bytes equal the qat file's).
+    assert ov_manifest.parent == qat_version
+    assert qat_version in (onnx_manifest.parent, onnx_manifest.version)
     assert ov_manifest.stage == "export" and ov_manifest.primary == "model.xml"
     assert set(ov_manifest.files) == set(export.OPENVINO_FILES)
 
@@ -98,7 +101,8 @@ def test_export_and_gate_register_and_promote_both_targets_with_one_lineage(trai
     assert registry.alias("production") == onnx_manifest.version
     assert registry.alias("production-openvino") == ov_manifest.version
     assert registry.alias("candidate-openvino") == ov_manifest.version
-    assert any(c["gate"] == "openvino: same_lineage_as_onnx" and c["passed"] for c in report["checks"])
+    assert any(c["gate"] == "openvino: same_qat_version_as_onnx" and c["passed"] for c in report["checks"])
+    assert report["targets"]["openvino"]["qat_version"] == report["targets"]["onnx"]["qat_version"] == qat_version
 
     # A challenger (other bytes): the IR champion is fetched into an OpenVINO folder and re-evaluated in
     # OpenVINO, and both production aliases move together.
@@ -118,7 +122,7 @@ def test_export_and_gate_register_and_promote_both_targets_with_one_lineage(trai
     assert openvino["production_before"] == ov_manifest.version and openvino["champion_metrics"]["map50_95"] >= 0
     new_ov = registry.alias(export.OPENVINO_ALIAS)
     assert new_ov != ov_manifest.version and registry.alias("production-openvino") == new_ov
-    assert registry.manifest(new_ov).parent == registry.manifest(registry.alias("production")).parent
+    assert second["targets"]["openvino"]["qat_version"] == second["targets"]["onnx"]["qat_version"]
 
     # A failure of the OpenVINO target alone keeps both production aliases where they were.
     production = registry.alias("production")
@@ -138,3 +142,23 @@ def test_openvino_off_writes_no_ir_and_gate_promotes_onnx_only(trained_workdir):
     registry = open_registry(_workspace().params.registry)
     assert set(report["targets"]) == {"onnx"} and registry.alias("production-openvino") is None
     assert registry.alias(export.OPENVINO_ALIAS) is None
+
+
+def test_lineage_check_finds_the_qat_version_when_the_export_is_the_qat_file(tmp_path):
+    """An export whose bytes equal the qat stage's file is that qat version (the registry de-duplicates): the
+    acceptance gate must still see it and the IR (parent: qat) as one lineage."""
+    from pipeline.gates import _qat_version
+    from pipeline.params import RegistryParams
+
+    registry = open_registry(RegistryParams(uri=str(tmp_path / "registry")))
+    files = {name: tmp_path / name for name in ("best.pt", "model_int8.onnx", "model.xml")}
+    for i, path in enumerate(files.values()):
+        path.write_bytes(bytes([i]) * 10)
+    pruned = registry.register("prune", {"best.pt": files["best.pt"]}, "best.pt").version
+    qat_v = registry.register("qat", {"model_int8.onnx": files["model_int8.onnx"]}, "model_int8.onnx",
+                              parent=pruned).version
+    onnx_v = registry.register("export", {"model.onnx": files["model_int8.onnx"]}, "model.onnx", parent=qat_v).version
+    ir_v = registry.register("export", {"model.xml": files["model.xml"]}, "model.xml", parent=qat_v).version
+    assert onnx_v == qat_v != ir_v  # the same bytes: the registry hands back the qat version
+    assert _qat_version(registry, onnx_v) == _qat_version(registry, ir_v) == qat_v
+    assert _qat_version(registry, pruned) is None
