@@ -8,6 +8,7 @@ On a workspace that already ran the pipeline up to `prune` (its outputs/prune/be
      the one evaluator, latency through pipeline.latency, interleaved, at 1 and 2 threads.
 
     python tests/bench_int8_targets.py WORKSPACE [OUT_JSON]
+    python tests/bench_int8_targets.py --latency WORKSPACE OUT_JSON   # time the files built before, again
 """
 from __future__ import annotations
 
@@ -59,19 +60,33 @@ def main(root: str, out_json: str | None = None) -> dict:
         builds[method]["seconds"] = round(time.time() - started, 1)
         models[f"int8_ov_{method}"] = folder
     accuracy = {name: evaluate(path, data_yaml, params, latency=False) for name, path in models.items()}
-    e = params.evaluate
-    timing = {threads: latency.interleaved(models, threads, e.warmup, max(e.runs, 50)) for threads in (1, 2)}
+    timing = time_models(work)
     results["openvino"] = {name: {"map50_95": accuracy[name]["map50_95"], "map50": accuracy[name]["map50"],
                                   "file_mb": accuracy[name]["file_mb"],
-                                  **{f"ms_{t}thr": timing[t][name]["median_ms"] for t in (1, 2)},
-                                  **{f"p25_p75_{t}thr": [timing[t][name]["p25_ms"], timing[t][name]["p75_ms"]]
+                                  **{f"ms_{t}thr": timing[str(t)][name]["median_ms"] for t in (1, 2)},
+                                  **{f"p25_p75_{t}thr": [timing[str(t)][name]["p25_ms"], timing[str(t)][name]["p75_ms"]]
                                      for t in (1, 2)}}
                            for name in models}
     results["openvino_builds"] = builds
+    results["weights_latency"] = {name: {str(t): timing[str(t)][name] for t in (1, 2)} for name in ("int8_7bit_onnx_ort",
+                                                                                          "int8_8bit_onnx_ort")}
     print(json.dumps(results["openvino"], indent=1), flush=True)
     write_json(Path(out_json or work / "results.json"), results)
     return results
 
 
+def time_models(work: Path) -> dict:
+    """Every model of the comparison timed in turns (300 runs in 15 rounds), at 1 and 2 threads."""
+    vnni = work / "vnni"
+    models = {"fp32_onnx_ort": vnni / "pruned_fp32.onnx", "int8_onnx_ort": vnni / "final" / "model.onnx",
+              "int8_ov_qdq": vnni / "final" / "qdq_openvino_model", "int8_ov_nncf": vnni / "final" / "nncf_openvino_model",
+              "int8_7bit_onnx_ort": work / "avx2" / "qat_int8.onnx", "int8_8bit_onnx_ort": vnni / "qat_int8.onnx"}
+    return {str(threads): latency.interleaved(models, threads, warmup=10, runs=300, rounds=15) for threads in (1, 2)}
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "--latency":
+        write_json(sys.argv[3], {"cpu": latency.describe_cpu(),
+                                 **time_models(Path(sys.argv[2]).resolve() / "bench_int8_targets")})
+    else:
+        main(*sys.argv[1:])
