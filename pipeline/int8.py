@@ -235,28 +235,63 @@ class ImageCalibrationReader:
 
 
 # ----------------------------------------------------------------------------------------------
+# Target CPU
+
+TARGET_CPUS = ("vnni", "avx2", "arm64")
+# Weight bits each CPU family computes exactly: AVX2's u8*s8 kernels (vpmaddubsw) add pairs of products into
+# a saturating int16, so full-range weights overflow there; VNNI (vpdpbusd) and ARM64's dot-product kernels
+# accumulate in int32 and can keep the eighth bit (ORT's documentation: reduce_range is for non-VNNI x86).
+WEIGHT_BITS = {"vnni": 8, "avx2": 7, "arm64": 8}
+
+
+def resolve_target_cpu(target: str) -> str:
+    """`auto` -> the CPU this runs on (arm64, vnni or avx2); any other value is checked and returned."""
+    import platform
+
+    from pipeline.latency import has_vnni
+
+    if target == "auto":
+        if platform.machine().lower() in ("arm64", "aarch64"):
+            return "arm64"
+        return "vnni" if has_vnni() else "avx2"
+    if target not in TARGET_CPUS:
+        raise Int8Error(f"target_cpu must be auto or one of {', '.join(TARGET_CPUS)}, got {target!r}")
+    return target
+
+
+def weight_bits_for(target: str) -> int:
+    return WEIGHT_BITS[resolve_target_cpu(target)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Quantization
 
 
 def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: list[Path], *,
                   activation_qparams: dict[str, tuple[float, int]] | None = None,
-                  quantize_silu: bool = False, quant_format: str = "qdq", reduce_range: bool = True) -> dict:
+                  quantize_silu: bool = False, quant_format: str = "qdq", weight_bits: int = 7,
+                  target_cpu: str | None = None) -> dict:
     """Write an INT8 copy of fp32_onnx: int8 per-channel weights, uint8 per-tensor activations.
 
     calib_images: images that give ORT its MinMax ranges (needed even with activation_qparams, for any
     tensor they do not cover). activation_qparams: tensor name -> (scale, zero_point) to use instead
     of calibrated ranges, e.g. learned by QAT. quantize_silu: also quantize the Sigmoid and Mul of
     each SiLU (ORT's QLinearSigmoid / QLinearMul). quant_format: "qdq" or "qoperator".
-    reduce_range: weights in [-64, 64] instead of [-127, 127]. Needed on x86 CPUs without VNNI (AVX2
-    only): their u8*s8 kernels add pairs of products in int16, which saturates with full-range weights
-    and uint8 activations (measured here: boxes off by 2 px on average at 160 px). The int8 storage
-    is the same either way; 7-bit weights are correct on every CPU, so that is the default.
+    weight_bits: 7 (weights in [-64, 64], ORT's reduce_range) or 8 ([-127, 127]). 7 is needed on x86
+    CPUs without VNNI (AVX2 only): their u8*s8 kernels add pairs of products in int16, which saturates
+    with full-range weights and uint8 activations (measured: boxes off by 2 px on average at 160 px).
+    VNNI and ARM64 kernels accumulate in int32, so they keep the eighth bit (see `weight_bits_for`).
+    The int8 storage is the same either way; 7 bits is correct on every CPU, so that is the default.
+    target_cpu: recorded with weight_bits in the model's metadata (`int8_target_cpu`, `int8_weight_bits`),
+    so a deployed file says which CPUs it was quantized for.
 
     Returns what was quantized: {"quantized_convs", "float_convs", "quantized_silu_nodes", ...}.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
+    if weight_bits not in (7, 8):
+        raise Int8Error(f"weight_bits must be 7 or 8, got {weight_bits!r}")
     model = load_onnx(fp32_onnx)
     height, width = input_image_size(model, fp32_onnx)
     convs = feature_conv_nodes(model)
@@ -296,7 +331,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
             op_types_to_quantize=["Conv", "Sigmoid", "Mul"] if quantize_silu else ["Conv"],
             nodes_to_quantize=nodes_to_quantize,
             per_channel=True,
-            reduce_range=reduce_range,
+            reduce_range=weight_bits == 7,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
@@ -304,7 +339,11 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
         )
         # quantize_static drops the model's metadata; keep it so Ultralytics can load the result.
         quantized = onnx.load(str(tmp))
-        _set_metadata(quantized, {p.key: p.value for p in model.metadata_props})
+        metadata = {p.key: p.value for p in model.metadata_props}
+        metadata["int8_weight_bits"] = str(weight_bits)
+        if target_cpu:
+            metadata["int8_target_cpu"] = target_cpu
+        _set_metadata(quantized, metadata)
         save_onnx_atomic(quantized, out_onnx)
     finally:
         for path in (tmp, prepared):
@@ -318,7 +357,8 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
         "activation_overrides": len(overrides),
         "isolated_conv_inputs": len(isolated),
         "quant_format": quant_format,
-        "reduce_range": reduce_range,
+        "weight_bits": weight_bits,
+        "target_cpu": target_cpu,
     }
 
 
@@ -401,6 +441,11 @@ def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
         prop.key, prop.value = key, value
 
 
+def int8_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The `int8_*` metadata quantize_onnx records (weight bits, target CPU)."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("int8_")}
+
+
 def copy_metadata(src_onnx: str | Path, dst_onnx: str | Path) -> dict[str, str]:
     """Copy metadata_props (Ultralytics' names, stride, imgsz, task, ...) from src to dst, in place."""
     metadata = {p.key: p.value for p in load_onnx(src_onnx).metadata_props}
@@ -435,6 +480,7 @@ def finalize_int8(chosen_onnx: str | Path, fp32_onnx_with_metadata: str | Path, 
     if not metadata:
         raise Int8Error(f"{fp32_onnx_with_metadata}: has no metadata_props (expected Ultralytics' export)")
     model = load_onnx(chosen_onnx)
+    metadata.update(int8_metadata(model))  # the target CPU the weights were quantized for travels with them
     kernels_before = count_integer_kernels(chosen_onnx)
     if simplify:
         model = _simplify_keeping_int8(model)
@@ -451,7 +497,7 @@ def finalize_int8(chosen_onnx: str | Path, fp32_onnx_with_metadata: str | Path, 
     return {"path": str(out_onnx), "simplified": simplify, "metadata_keys": sorted(metadata),
             "integer_convs_before": kernels_before["integer_convs"],
             "integer_convs_after": kernels_after["integer_convs"],
-            "file_bytes": out_onnx.stat().st_size}
+            "file_bytes": out_onnx.stat().st_size, **int8_metadata(load_onnx(out_onnx))}
 
 
 PARITY_TOLERANCE = 0.005  # mAP50-95, half a point

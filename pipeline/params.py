@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 DEMO_DATA_YAML = "data/demo/data.yaml"
@@ -84,6 +84,14 @@ class EvaluateParams(Section):
 class ExportParams(Section):
     opset: int = 17
     simplify: bool = True
+    # The OpenVINO IR beside the ONNX Runtime model: qdq converts our INT8 QDQ ONNX, nncf has NNCF quantize the
+    # pruned float model with the qat calibration images, off writes none (pipeline/export.py).
+    openvino: Literal["qdq", "nncf", "off"] = "qdq"
+
+    @field_validator("openvino", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
@@ -117,6 +125,9 @@ class QatParams(Section):
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator
+    # The CPU the INT8 model is for: vnni and arm64 get 8-bit weights, avx2 (x86 without VNNI) 7-bit, whose
+    # int16 accumulation saturates with full-range weights; auto: this machine's (pipeline.int8.resolve_target_cpu).
+    target_cpu: Literal["auto", "vnni", "avx2", "arm64"] = "auto"
     # Several candidates pass: the fastest within this much mAP50-95 of the most accurate passing one.
     choice_tolerance: float = 0.005
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)

@@ -6,7 +6,8 @@ channel, uint8 activations asymmetric per tensor, Conv-only; int8 activations or
 or run slower than FP32). So the torch model trains against the very rounding ORT will do:
 
   input  -> uint8 fake quant (one observer per ONNX tensor, shared by every conv reading that tensor)
-  weight -> int8 symmetric per-channel fake quant in [-64, 64], scale = max|w| / 64 (ORT's reduce_range)
+  weight -> int8 symmetric per-channel fake quant, scale = max|w| / qmax: [-64, 64] (ORT's reduce_range) for
+            AVX2 targets, [-127, 127] for VNNI and ARM64 (qat.target_cpu, see int8.WEIGHT_BITS)
   conv   -> float conv with the BatchNorm folded in (folded once, before QAT: no BN in the graph)
   output -> uint8 fake quant (ORT quantizes each QLinearConv's output), then the activation in float
 
@@ -48,11 +49,10 @@ from pipeline.progress import Progress, epoch_details
 from pipeline.workspace import Workspace
 
 ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
-# Weights use ORT's reduced symmetric int8 range [-64, 64] (reduce_range=True): on x86 without VNNI,
-# ORT's u8s8 integer conv sums pairs of products in int16, which saturates with full-range [-127, 127]
-# weights (measured on this AVX2 machine: boxes off by ~2 px mean). 7-bit weights are right on every CPU.
-REDUCE_RANGE = True
-WEIGHT_QMIN, WEIGHT_QMAX = (-64, 64) if REDUCE_RANGE else (-127, 127)
+# Symmetric int8 weight ranges by bit width, as ORT's quantizer uses them: 7 bits is its reduce_range
+# (needed on x86 without VNNI, where u8s8 convs sum pairs of products in a saturating int16).
+WEIGHT_RANGES = {7: (-64, 64), 8: (-127, 127)}
+DEFAULT_WEIGHT_BITS = 7  # what checkpoints written before qat.target_cpu existed were trained with
 EMA_MOMENTUM = 0.01  # how fast activation ranges follow the training batches
 QAT_LR_FACTOR = 0.1  # QAT fine-tunes at a tenth of the training lr0
 _LAYER_ATTRS = ("f", "i", "type", "np")  # what DetectionModel._predict_once needs on a top-level layer
@@ -107,19 +107,22 @@ class ActivationQuant(nn.Module):
         return float(scale), zero_point
 
 
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+def fake_quant_weight(weight: torch.Tensor, bits: int = DEFAULT_WEIGHT_BITS) -> torch.Tensor:
     """int8 symmetric per-output-channel fake quantization, ORT's weight scheme (scale = 2 max|w| / (qmax - qmin))."""
+    if bits not in WEIGHT_RANGES:
+        raise QatError(f"weight bits must be one of {sorted(WEIGHT_RANGES)}, got {bits!r}")
+    qmin, qmax = WEIGHT_RANGES[bits]
     absmax = weight.detach().abs().amax(dim=tuple(range(1, weight.dim()))).double()
-    scale = (2 * absmax / (WEIGHT_QMAX - WEIGHT_QMIN)).float()
+    scale = (2 * absmax / (qmax - qmin)).float()
     scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
     zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, WEIGHT_QMIN, WEIGHT_QMAX)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, qmin, qmax)
 
 
 class QuantConv(nn.Module):
     """An Ultralytics Conv block (BN folded into the conv) with ORT-matching fake quantization."""
 
-    def __init__(self, conv: nn.Conv2d, act: nn.Module):
+    def __init__(self, conv: nn.Conv2d, act: nn.Module, weight_bits: int = DEFAULT_WEIGHT_BITS):
         super().__init__()
         if conv.bias is None:
             raise QatError("QuantConv expects a conv with the BatchNorm folded into its bias")
@@ -128,10 +131,12 @@ class QuantConv(nn.Module):
         self.input_quant = ActivationQuant()  # replaced by a shared one when several convs read one tensor
         self.output_quant = ActivationQuant()
         self.quantize_weight = False
+        self.weight_bits = weight_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quant(x)
-        weight = fake_quant_weight(self.conv.weight) if self.quantize_weight else self.conv.weight
+        bits = getattr(self, "weight_bits", DEFAULT_WEIGHT_BITS)  # checkpoints pickled before it existed
+        weight = fake_quant_weight(self.conv.weight, bits) if self.quantize_weight else self.conv.weight
         c = self.conv
         y = F.conv2d(x, weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         return self.act(self.output_quant(y))
@@ -159,9 +164,10 @@ def set_observers(model: nn.Module, observe: bool, momentum: float | None = None
         m.observe, m.momentum = observe, momentum
 
 
-def insert_quant_convs(model: nn.Module, activation: str) -> int:
+def insert_quant_convs(model: nn.Module, activation: str, weight_bits: int = DEFAULT_WEIGHT_BITS) -> int:
     """Fold BatchNorm into every conv, then replace each Ultralytics Conv block that has an activation by a
-    QuantConv. activation "relu" swaps SiLU for ReLU on the way. Returns how many were replaced."""
+    QuantConv with `weight_bits` weights. activation "relu" swaps SiLU for ReLU on the way. Returns how many
+    were replaced."""
     from ultralytics.nn.modules.conv import Conv, DWConv
 
     model.fuse(verbose=False)
@@ -170,7 +176,7 @@ def insert_quant_convs(model: nn.Module, activation: str) -> int:
         if type(module) not in (Conv, DWConv) or hasattr(module, "bn") or isinstance(module.act, nn.Identity):
             continue
         act = nn.ReLU() if activation == "relu" else module.act
-        new = QuantConv(module.conv, act)
+        new = QuantConv(module.conv, act, weight_bits)
         for attr in _LAYER_ATTRS:
             if hasattr(module, attr):
                 setattr(new, attr, getattr(module, attr))
@@ -354,12 +360,12 @@ def _measure_onnx(path: Path, data_yaml: Path, params: Params) -> dict:
 
 
 def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Params, calib_images: list[Path],
-                 out_dir: Path, work: Path) -> dict:
+                 out_dir: Path, work: Path, weight_bits: int = DEFAULT_WEIGHT_BITS) -> dict:
     """QAT one activation variant; returns its torch checkpoint, float ONNX and activation qparams."""
     from pipeline.surgery import load_detection_model
 
     model, base_ckpt = load_detection_model(pruned_pt)
-    insert_quant_convs(model, activation)
+    insert_quant_convs(model, activation, weight_bits)
     # A first export only tells which convs read the same tensor, so they can share one observer.
     probe = export_float_onnx(model, base_ckpt, work / f"{activation}_probe.onnx", params)
     share_input_observers(model, map_convs_to_onnx(model, probe))
@@ -368,7 +374,8 @@ def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Para
     finetune(model, data_yaml, params, log, what=activation)
 
     torch_pt = save_checkpoint(model, out_dir / f"qat_{activation}_model.pt", base_ckpt,
-                               qat={"activation": activation, "epochs": params.qat.epochs})
+                               qat={"activation": activation, "epochs": params.qat.epochs,
+                                    "weight_bits": weight_bits})
     float_onnx = export_float_onnx(model, base_ckpt, work / f"qat_{activation}_fp32.onnx", params)
     qparams = activation_qparams(model, map_convs_to_onnx(model, float_onnx))
     return {"torch_pt": torch_pt, "float_onnx": float_onnx, "qparams": qparams, "log": log}
@@ -435,6 +442,9 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     calib_images = int8.calibration_image_paths(data_yaml, q.calib_images)
     activations = {"auto": ["silu", "relu"], "silu": ["silu"], "relu": ["relu"]}[q.activation]
+    target_cpu = int8.resolve_target_cpu(q.target_cpu)
+    weight_bits = int8.weight_bits_for(target_cpu)
+    quantization = {"weight_bits": weight_bits, "target_cpu": target_cpu}
 
     # The reference: the pruned model as FP32 ONNX, measured here under the same conditions as the candidates.
     reference_onnx = export_fp32_onnx(pruned_pt, out_dir / "pruned_fp32.onnx", params.train.imgsz,
@@ -445,7 +455,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     with tempfile.TemporaryDirectory(prefix="qat-", dir=out_dir) as tmp:
         work = Path(tmp)
         for activation in activations:
-            variant = _qat_variant(activation, pruned_pt, data_yaml, params, calib_images, out_dir, work)
+            variant = _qat_variant(activation, pruned_pt, data_yaml, params, calib_images, out_dir, work,
+                                   weight_bits)
             torch_metrics = int8.torch_accuracy_square(variant["torch_pt"], data_yaml, params)
             builds = [("qat_int8" if activation == "silu" else f"qat_{activation}_int8", False)]
             if activation == "silu":
@@ -454,14 +465,14 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
                 path = out_dir / f"{name}.onnx"
                 info = int8.quantize_onnx(variant["float_onnx"], path, calib_images,
                                           activation_qparams=variant["qparams"], quantize_silu=quantize_silu,
-                                          reduce_range=REDUCE_RANGE)
+                                          **quantization)
                 candidates[name] = {"path": str(path), "method": "qat", "activation": activation,
                                     "silu_quantized": quantize_silu, "quantization": info,
                                     "qat_torch_pt": str(variant["torch_pt"]),
                                     "qat_torch_map50_95": torch_metrics["map50_95"], "qat_log": variant["log"]}
         if q.ptq:
             path = out_dir / "ptq_int8.onnx"
-            info = int8.quantize_onnx(reference_onnx, path, calib_images, reduce_range=REDUCE_RANGE)
+            info = int8.quantize_onnx(reference_onnx, path, calib_images, **quantization)
             candidates["ptq_int8"] = {"path": str(path), "method": "ptq", "activation": "silu",
                                       "silu_quantized": False, "quantization": info, "qat_torch_pt": None}
 
@@ -494,6 +505,10 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         **c["metrics"],
         "chosen": chosen,
         "passed": c["passed"],
+        # qat.target_cpu as resolved on this machine, and the weight bits it implies (also in the ONNX metadata)
+        "target_cpu": target_cpu,
+        "target_cpu_param": q.target_cpu,
+        "weight_bits": weight_bits,
         "gate_failures": c["gate_failures"],
         "why_none_passed": None if choice["passing"] else {n: cand["gate_failures"] for n, cand in candidates.items()},
         "model_int8": model_int8.name,

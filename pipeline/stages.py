@@ -88,17 +88,22 @@ STAGES: list[Stage] = [
           metrics=("outputs/qat/metrics.json", "outputs/qat/gate.json", "outputs/qat/candidates.json"),
           alias="qat", parent="pruned"),
     Stage("export", "pipeline.export:run",
-          "the deployable INT8 ONNX: simplified, Ultralytics metadata, loads and predicts, parity with QAT",
-          params=("data.yaml", "train.imgsz", "evaluate", "export"),
+          "the deployable INT8 ONNX (simplified, Ultralytics metadata, loads and predicts, parity with QAT) and "
+          "its OpenVINO IR; registers each under its own alias",
+          params=("data.yaml", "train.imgsz", "evaluate", "export", "qat.calib_images"),
           reads=("outputs/train/metrics.json", "outputs/qat/model_int8.onnx", "outputs/qat/pruned_fp32.onnx",
                  "outputs/qat/qat_model.pt", "outputs/qat/metrics.json"),
-          outs=("outputs/export/model.onnx",), metrics=("outputs/export/metrics.json", "outputs/export/gate.json"),
-          alias="exported", parent="qat"),
+          outs=("outputs/export/model.onnx", "outputs/export/model_openvino_model"),
+          metrics=("outputs/export/metrics.json", "outputs/export/gate.json", "outputs/export/metrics_openvino.json",
+                   "outputs/export/gate_openvino.json"),
+          alias="exported", parent="qat"),  # and exported-openvino, parent qat (pipeline.export.OPENVINO_ALIAS)
     Stage("gate", "pipeline.gates:run_acceptance",
-          "acceptance gate: thresholds and champion/challenger, then promote to production",
-          params=("data.yaml", "train.imgsz", "evaluate", "gate"),
+          "acceptance gate: thresholds and champion/challenger per deploy target, then promote to production "
+          "(and production-openvino)",
+          params=("data.yaml", "train.imgsz", "evaluate", "gate", "export.openvino"),
           reads=("outputs/control/metrics.json", "outputs/prune/metrics.json", "outputs/export/model.onnx",
-                 "outputs/export/metrics.json"),
+                 "outputs/export/metrics.json", "outputs/export/model_openvino_model",
+                 "outputs/export/metrics_openvino.json"),
           metrics=("outputs/gate/report.json",), alias="production", parent="exported"),
 ]
 

@@ -107,37 +107,66 @@ def test_int8_onnx_tracks_fake_quant_torch_model(tiny):
     np.testing.assert_allclose(int8_out[:, 4:], fake_quant[:, 4:], atol=0.02)  # class scores
 
 
-def test_fake_quant_weight_matches_ort_weights(tiny):
-    """torch's fake-quant weights equal ORT's dequantized INT8 weights (same scale formula and range)."""
-    out = tiny["folder"] / "ptq_weights.onnx"
-    int8.quantize_onnx(tiny["fp32"], out, tiny["images"], reduce_range=qat.REDUCE_RANGE)
+@pytest.mark.parametrize("bits", [7, 8])
+def test_fake_quant_weight_matches_ort_weights(tiny, bits):
+    """torch's fake-quant weights equal ORT's dequantized INT8 weights (same scale formula and range), for
+    7-bit (AVX2 targets) and 8-bit (VNNI, ARM64) weights alike."""
+    out = tiny["folder"] / f"ptq_weights_{bits}.onnx"
+    int8.quantize_onnx(tiny["fp32"], out, tiny["images"], weight_bits=bits, target_cpu="test")
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in int8.load_onnx(out).graph.initializer}
     fp32 = {i.name: onnx.numpy_helper.to_array(i) for i in int8.load_onnx(tiny["fp32"]).graph.initializer}
-    checked = 0
+    checked = widest = 0
     for name, q in inits.items():
         if not name.endswith("_quantized") or q.dtype != np.int8:
             continue
         weight_name = name[: -len("_quantized")]
         scale = inits[f"{weight_name}_scale"].reshape(-1, 1, 1, 1)
-        torch_fq = qat.fake_quant_weight(torch.from_numpy(fp32[weight_name].copy())).numpy()
+        assert np.abs(q).max() <= qat.WEIGHT_RANGES[bits][1]
+        torch_fq = qat.fake_quant_weight(torch.from_numpy(fp32[weight_name].copy()), bits).numpy()
         # ORT divides by the scale, torch multiplies by its inverse: an exact .5 may round the other way.
         steps = np.abs(q.astype(np.float32) * scale - torch_fq) / scale
         assert np.mean(steps > 0.5) < 1e-3 and steps.max() <= 1.0 + 1e-3
         checked += 1
+        widest = max(widest, int(np.abs(q).max()))
     assert checked > 0
+    assert widest == qat.WEIGHT_RANGES[bits][1]  # the largest weight of a channel lands on the range's end
+    metadata = {p.key: p.value for p in int8.load_onnx(out).metadata_props}
+    assert metadata["int8_weight_bits"] == str(bits) and metadata["int8_target_cpu"] == "test"
+
+
+def test_target_cpu_resolves_to_weight_bits(monkeypatch):
+    import platform
+
+    from pipeline import latency
+
+    assert [int8.weight_bits_for(t) for t in ("vnni", "avx2", "arm64")] == [8, 7, 8]
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(latency, "has_vnni", lambda: True)
+    assert int8.resolve_target_cpu("auto") == "vnni"
+    monkeypatch.setattr(latency, "has_vnni", lambda: False)
+    assert int8.resolve_target_cpu("auto") == "avx2"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert int8.resolve_target_cpu("auto") == "arm64"
+    with pytest.raises(int8.Int8Error, match="target_cpu must be"):
+        int8.resolve_target_cpu("avx512")
+    with pytest.raises(qat.QatError, match="weight bits"):
+        qat.fake_quant_weight(torch.ones(2, 1, 1, 1), bits=6)
 
 
 def test_finalize_copies_metadata_keeps_integer_convs_and_predicts(tiny):
     from ultralytics import YOLO
 
     chosen = tiny["folder"] / "chosen.onnx"
-    int8.quantize_onnx(tiny["fp32"], chosen, tiny["images"])
+    int8.quantize_onnx(tiny["fp32"], chosen, tiny["images"], weight_bits=8, target_cpu="vnni")
     final = tiny["folder"] / "final" / "model_int8.onnx"
     report = int8.finalize_int8(chosen, tiny["fp32"], final)
     assert report["integer_convs_after"] == report["integer_convs_before"] > 0
     metadata = {p.key: p.value for p in int8.load_onnx(final).metadata_props}
     for key in ("names", "stride", "imgsz", "task"):
         assert key in metadata
+    # The FP32 export's metadata replaces the quantizer's, except what says which CPU the weights are for.
+    assert metadata["int8_target_cpu"] == report["int8_target_cpu"] == "vnni"
+    assert metadata["int8_weight_bits"] == "8"
     results = YOLO(str(final), task="detect").predict(str(tiny["images"][0]), imgsz=IMGSZ, verbose=False)
     assert len(results) == 1 and results[0].names[0] == "class0"
 
@@ -147,7 +176,7 @@ def test_finalize_copies_metadata_keeps_integer_convs_and_predicts(tiny):
     del stripped.metadata_props[:]
     int8.save_onnx_atomic(stripped, bare)
     int8.copy_metadata(tiny["fp32"], bare)
-    assert {p.key for p in int8.load_onnx(bare).metadata_props} == set(metadata)
+    assert {p.key for p in int8.load_onnx(bare).metadata_props} == set(metadata) - {"int8_target_cpu", "int8_weight_bits"}
 
 
 def test_clear_errors(tmp_path, tiny):

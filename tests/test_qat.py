@@ -48,6 +48,13 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=float))
     assert metrics["chosen"] in candidates and metrics["choice"]["chosen"] == metrics["chosen"]
     assert metrics["accuracy_reference"] in float_models
+    # qat.target_cpu: auto resolves to this machine; every candidate and the chosen file carry its weight bits.
+    assert metrics["target_cpu_param"] == "auto" and metrics["target_cpu"] == int8.resolve_target_cpu("auto")
+    assert metrics["weight_bits"] == int8.weight_bits_for(metrics["target_cpu"])
+    assert {c["quantization"]["weight_bits"] for c in candidates.values()} == {metrics["weight_bits"]}
+    chosen_metadata = {p.key: p.value for p in int8.load_onnx(out / "model_int8.onnx").metadata_props}
+    assert chosen_metadata["int8_target_cpu"] == metrics["target_cpu"]
+    assert chosen_metadata["int8_weight_bits"] == str(metrics["weight_bits"])
     if not metrics["passed"]:  # on 2 busy cores a 64 px model may well not beat FP32 latency
         assert metrics["why_none_passed"] and all(metrics["why_none_passed"].values())
 

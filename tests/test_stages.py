@@ -85,6 +85,9 @@ def test_acceptance_gate_promotes_then_champion_blocks_a_worse_challenger(traine
     first = stages.run_stage("gate", workspace())
     registry = open_registry(params.registry)
     assert first["passed"] and registry.alias("production") == registry.alias("exported")
+    # The OpenVINO IR of the same model is promoted with it, under its own alias, with the same parent.
+    assert registry.alias("production-openvino") == registry.alias("exported-openvino") is not None
+    assert first["targets"]["openvino"]["qat_version"] == first["targets"]["onnx"]["qat_version"] == registry.alias("qat")
     production = registry.alias("production")
 
     # A challenger (other bytes, practically the same weights) that must beat production by an impossible
