@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,11 +34,11 @@ from pipeline.params import Params
 from pipeline.progress import Progress
 from pipeline import prepare_ultralytics, reparam, surgery
 # in_unit, list_groups, load_model and prune_units are used through this module by its callers and tests
-from pipeline.units import (cached_channel_groups, in_unit, kept_whole, list_groups, load_model, prune_units,  # noqa: F401
-                            skipped_units)
+from pipeline.units import (cached_channel_groups, cached_depth_units, drop_depth_units, in_unit,  # noqa: F401
+                            kept_whole, list_groups, load_model, prune_units, skipped_units)
 from pipeline.workspace import Workspace
 
-CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
+CSV_FIELDS = ["group", "kind", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
 
 
 class SensitivityError(RuntimeError):
@@ -74,11 +75,22 @@ def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params
     `run_sensitivity`, which knows the baseline.
     """
     model, ckpt = load_model(trained_pt)
-    removed = prune_units(model, {group: float(ratio)}, groups=cached_channel_groups(trained_pt))
+    kind = _prune_one(model, trained_pt, group, ratio)
+    removed = 0 if kind == "depth" else kind
     params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
     metrics = _evaluate_model(model, ckpt, data_yaml, params)
-    return {"group": group, "ratio": float(ratio), "map50_95": metrics["map50_95"], "map50": metrics["map50"],
-            "params": params_count, "macs": macs, "channels_removed": removed}
+    return {"group": group, "kind": "depth" if kind == "depth" else "channels",
+            "ratio": 1.0 if kind == "depth" else float(ratio), "map50_95": metrics["map50_95"],
+            "map50": metrics["map50"], "params": params_count, "macs": macs, "channels_removed": removed}
+
+
+def _prune_one(model, trained_pt, unit: str, ratio: float):
+    """Prune `unit` of a fresh copy of the trained model: a depth unit (see surgery.depth_units) is removed
+    whole and gives "depth", a channel unit is pruned at `ratio` and gives the channels removed."""
+    if unit in cached_depth_units(trained_pt):
+        drop_depth_units(model, [unit], {})
+        return "depth"
+    return prune_units(model, {unit: float(ratio)}, groups=cached_channel_groups(trained_pt))
 
 
 # ------------------------------------------------------------------------------------------------------ plan
@@ -198,6 +210,245 @@ def build_plan(rows: list[dict], baseline: dict, params: Params,
     }
 
 
+# --------------------------------------------------------------------------------------- latency per unit
+
+LATENCY_METHOD = (
+    "Each channel unit is pruned alone at sensitivity.latency.ratio and each depth unit removed alone, in a "
+    "copy of the trained model; every copy and the unpruned model are exported to ONNX (FP32, or with "
+    "latency.graph int8 a PTQ of that ONNX calibrated on latency.calib_images train images with "
+    "pipeline.int8.quantize_onnx) and timed by pipeline.latency.interleaved in one session per model at "
+    "evaluate.threads threads, latency.runs runs each spread over latency.rounds interleaved rounds. A unit "
+    "saves the baseline's median minus its own. Where that difference is within two standard errors (each "
+    "median's error estimated from its quartiles), noise dominates and the unit gets the pooled model "
+    "instead: ms saved = a x MACs removed + b x ONNX nodes removed, least squares over every unit. A channel "
+    "unit's saving at another ratio is scaled linearly from the timed ratio; a plan's saving is the sum of "
+    "its units' (no interactions).")
+
+LATENCY_PLAN_RULE = (
+    "Candidates: every channel unit at its budget ratio (the largest measured ratio within max_drop, every "
+    "smaller one too) and every depth unit whose removal stays within max_drop. They are taken in order of "
+    "estimated ms saved per mAP50-95 lost (drops below latency.drop_floor count as drop_floor), until the "
+    "summed savings reach target_reduction of the baseline's latency; a channel unit that would overshoot "
+    "is taken at the fraction of its ratio that just reaches the target. Units that save nothing are never "
+    "taken. If every candidate together falls short, all are taken and the plan says target_met: false.")
+
+
+def latency_model(model, ckpt: dict, out_onnx: str | Path, params: Params, calib_images: list[Path]) -> dict:
+    """Export `model` to ONNX the way every latency here is measured (see LATENCY_METHOD): FP32 from
+    Ultralytics' exporter, then a PTQ INT8 copy when params.sensitivity.latency.graph is int8. Returns
+    {"onnx", "params", "macs", "onnx_nodes"} (nodes of the FP32 graph: what a depth unit removes)."""
+    import onnx
+
+    from pipeline.evaluate import export_fp32_onnx
+    from pipeline.int8 import quantize_onnx
+
+    out_onnx = Path(out_onnx)
+    n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
+    with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
+        pt = surgery.save_checkpoint(model, Path(tmp) / "model.pt", ckpt)
+        fp32 = export_fp32_onnx(pt, Path(tmp) / "model.onnx", params.train.imgsz, params.export.opset,
+                                simplify=False)
+        nodes = len(onnx.load(str(fp32)).graph.node)
+        if params.sensitivity.latency.graph == "int8":
+            quantize_onnx(fp32, out_onnx, calib_images)
+        else:
+            out_onnx.parent.mkdir(parents=True, exist_ok=True)
+            fp32.replace(out_onnx)
+    return {"onnx": str(out_onnx), "params": n_params, "macs": macs, "onnx_nodes": nodes}
+
+
+def build_unit_latency_model(trained_pt: str | Path, data_yaml: str | Path, params: Params, unit: str | None,
+                             out_onnx: str | Path) -> dict:
+    """The latency model of the trained model with one unit pruned (None: unpruned). Pure: safe to run in
+    any process that sees `out_onnx`'s folder."""
+    from pipeline.int8 import calibration_image_paths
+
+    prepare_ultralytics()
+    model, ckpt = load_model(trained_pt)
+    if unit is not None:
+        _prune_one(model, trained_pt, unit, params.sensitivity.latency.ratio)
+    calib = (calibration_image_paths(data_yaml, params.sensitivity.latency.calib_images)
+             if params.sensitivity.latency.graph == "int8" else [])
+    return {"unit": unit, **latency_model(model, ckpt, out_onnx, params, calib)}
+
+
+def _median_se(timing: dict) -> float:
+    # Standard error of a median, from the quartiles: sigma ~ IQR / 1.349, se(median) ~ 1.2533 sigma / sqrt(n).
+    return 0.929 * (timing["p75_ms"] - timing["p25_ms"]) / math.sqrt(max(1, timing["runs"]))
+
+
+def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, dict]) -> dict[str, dict]:
+    """Per unit: measured ms saved, its noise, the pooled model's estimate, and the saving used (see
+    LATENCY_METHOD). `baseline`: {"timing", "macs", "onnx_nodes"} of the unpruned model; `timings`: per unit
+    `pipeline.latency` summaries; `builds`: per unit {"macs", "onnx_nodes"}. Pure."""
+    import numpy as np
+
+    units = list(timings)
+    base_ms = baseline["timing"]["median_ms"]
+    measured = {u: base_ms - timings[u]["median_ms"] for u in units}
+    features = {u: (baseline["macs"] - builds[u]["macs"], baseline["onnx_nodes"] - builds[u]["onnx_nodes"])
+                for u in units}
+    se = {u: math.sqrt(_median_se(baseline["timing"]) ** 2 + _median_se(timings[u]) ** 2) for u in units}
+    noisy = {u: abs(measured[u]) < 2 * se[u] and len(units) >= 2 for u in units}
+    # The pooled model learns from the units that stand out of the noise (all of them if fewer than two do).
+    fit = [u for u in units if not noisy[u]]
+    fit = fit if len(fit) >= 2 else units
+    coef = np.zeros(2)
+    if len(fit) >= 2:
+        # Scaled columns: MACs run to millions, nodes to tens; unscaled, the least squares is ill-conditioned.
+        x = np.array([features[u] for u in fit], dtype=float)
+        scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+        solution = np.linalg.lstsq(x / scale, np.array([measured[u] for u in fit]), rcond=None)[0]
+        coef = solution / scale
+    out = {}
+    for u in units:
+        pooled = float(coef[0] * features[u][0] + coef[1] * features[u][1])
+        noisy_u, se_u = noisy[u], se[u]
+        out[u] = {"measured_ms": round(measured[u], 4), "se_ms": round(se_u, 4), "pooled_ms": round(pooled, 4),
+                  "saved_ms": round(pooled if noisy_u else measured[u], 4),
+                  "source": "pooled" if noisy_u else "measured",
+                  "unit_ms": round(timings[u]["median_ms"], 4), "macs_removed": features[u][0],
+                  "onnx_nodes_removed": features[u][1]}
+    return out
+
+
+def plan_latency(candidates: list[dict], baseline_ms: float, target_reduction: float,
+                 drop_floor: float = 0.005) -> dict:
+    """Pick units by estimated latency saved per mAP lost until `target_reduction` of `baseline_ms` is saved
+    (LATENCY_PLAN_RULE). Pure: `candidates` are {"unit", "kind" ("channels" or "depth"), "ratio", "drop",
+    "saved_ms"}, a channel candidate's saving being that at its `ratio` (savings scale linearly below it).
+
+    Returns {"ratios": {channel unit: ratio}, "depth": [depth units], "order": [picked units, best first],
+    "saved_ms", "reduction", "target_met"}."""
+    target_ms = target_reduction * baseline_ms
+    useful = [c for c in candidates if c["saved_ms"] > 0 and c["ratio"] > 0]
+    ranked = sorted(useful, key=lambda c: (-c["saved_ms"] / max(c["drop"], drop_floor), c["unit"]))
+    ratios: dict[str, float] = {}
+    depth: list[str] = []
+    order: list[str] = []
+    saved = 0.0
+    for c in ranked:
+        need = target_ms - saved
+        if need <= 1e-12:
+            break
+        if c["kind"] == "depth":
+            depth.append(c["unit"])
+            saved += c["saved_ms"]
+        else:
+            fraction = min(1.0, need / c["saved_ms"])
+            ratios[c["unit"]] = round(c["ratio"] * fraction, 4)
+            saved += c["saved_ms"] * fraction
+        order.append(c["unit"])
+    return {"ratios": ratios, "depth": depth, "order": order, "saved_ms": round(saved, 4),
+            "reduction": round(saved / baseline_ms, 4) if baseline_ms > 0 else 0.0,
+            "target_met": saved >= target_ms - 1e-9}
+
+
+def build_latency_plan(rows: list[dict], baseline: dict, params: Params, latency: dict,
+                       measure: Callable[..., tuple[int, int]] | None = None) -> dict:
+    """The plan for `sensitivity.target: latency`. `rows`: channel and depth rows (with `kind`); `latency`:
+    {"baseline_ms", "units": latency_savings(...)}; `measure(ratios, depth) -> (params, macs)` counts the
+    planned model (by default the additive estimate from the rows, depth rows included)."""
+    s = params.sensitivity
+    channel_rows = [r for r in rows if r.get("kind", "channels") == "channels"]
+    depth_rows = [r for r in rows if r.get("kind") == "depth"]
+    if not channel_rows and not depth_rows:
+        raise SensitivityError("no sensitivity rows to build a plan from")
+    budget = budget_ratios(channel_rows, s.max_drop) if channel_rows else {}
+    drops = {(r["group"], r["ratio"]): r["drop"] for r in channel_rows}
+    per_unit = latency["units"]
+    candidates = []
+    for unit, ratio in budget.items():
+        if ratio > 0 and unit in per_unit:
+            candidates.append({"unit": unit, "kind": "channels", "ratio": ratio, "drop": drops[(unit, ratio)],
+                               "saved_ms": per_unit[unit]["saved_ms"] * ratio / s.latency.ratio})
+    for row in depth_rows:
+        if row["drop"] <= s.max_drop and row["group"] in per_unit:
+            candidates.append({"unit": row["group"], "kind": "depth", "ratio": 1.0, "drop": row["drop"],
+                               "saved_ms": per_unit[row["group"]]["saved_ms"]})
+    picked = plan_latency(candidates, latency["baseline_ms"], s.target_reduction, s.latency.drop_floor)
+    ratios = {u: picked["ratios"].get(u, 0.0) for u in budget}
+    if measure is None:
+        estimate = _additive_estimate(rows, baseline)
+        measure = lambda r, d: estimate({**r, **{u: 1.0 for u in d}})  # noqa: E731 (depth rows sit at ratio 1)
+    n_params, macs = measure({u: r for u, r in ratios.items() if r > 0}, picked["depth"])
+    reduction = picked["reduction"]
+    note = ("target reached (predicted)" if picked["target_met"] else
+            f"the units within budget (max_drop={s.max_drop}) are predicted to save only {reduction:.1%} of "
+            f"the latency, below the target {s.target_reduction:.0%}; the plan takes them all")
+    return {
+        "rule": LATENCY_PLAN_RULE,
+        "max_drop": s.max_drop,
+        "target": "latency",
+        "target_reduction": s.target_reduction,
+        "budget_ratios": budget,
+        "ratios": ratios,
+        "depth": picked["depth"],
+        "order": picked["order"],
+        "expected": {"params_reduction": round(1 - n_params / baseline["params"], 4),
+                     "macs_reduction": round(1 - macs / baseline["macs"], 4), "params": n_params, "macs": macs,
+                     "latency_reduction": reduction, "latency_saved_ms": picked["saved_ms"],
+                     "latency_ms": round(latency["baseline_ms"] - picked["saved_ms"], 4)},
+        "target_met": bool(picked["target_met"]),
+        "note": note,
+        "baseline": baseline,
+    }
+
+
+def measure_unit_latency(trained_pt: Path, data_yaml: Path, params: Params, units: list[str], work: Path,
+                         map_fn: Callable = map) -> dict:
+    """{"baseline_ms", "baseline", "units": latency_savings(...), "method", ...}: what each unit saves in ONNX
+    Runtime latency, by LATENCY_METHOD. The models are built through `map_fn` (independent, like the
+    accuracy evaluations); the timing runs here, in one process, all models interleaved."""
+    from pipeline.latency import describe_cpu, interleaved
+
+    lat, e = params.sensitivity.latency, params.evaluate
+    if not 0.0 < lat.ratio < 1.0:
+        raise SensitivityError(f"sensitivity.latency.ratio must be in (0, 1), got {lat.ratio}")
+    work.mkdir(parents=True, exist_ok=True)
+    names: list[str | None] = [None, *units]
+    paths = [str(work / f"{i:03d}.onnx") for i in range(len(names))]
+    n = len(names)
+    progress = Progress("latency models", n)
+    builds = []
+    for build in map_fn(build_unit_latency_model, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
+                        names, paths):
+        builds.append(build)
+        progress.step(f"{build['unit'] or 'baseline'}: {Path(build['onnx']).name}")
+    base, by_unit = builds[0], {b["unit"]: b for b in builds[1:]}
+    timings = interleaved({"baseline": base["onnx"], **{u: by_unit[u]["onnx"] for u in units}}, e.threads,
+                          warmup=e.warmup, runs=lat.runs, rounds=lat.rounds)
+    base_timing = timings.pop("baseline")
+    savings = latency_savings({"timing": base_timing, "macs": base["macs"], "onnx_nodes": base["onnx_nodes"]},
+                              timings, by_unit)
+    return {"method": LATENCY_METHOD, "graph": lat.graph, "threads": e.threads, "ratio": lat.ratio,
+            "runs": lat.runs, "rounds": lat.rounds, "cpu": describe_cpu(),
+            "baseline_ms": round(base_timing["median_ms"], 4),
+            "baseline": {k: round(v, 4) if isinstance(v, float) else v for k, v in base_timing.items()},
+            "units": savings, "baseline_onnx": base["onnx"]}
+
+
+def time_plan(trained_pt: Path, data_yaml: Path, params: Params, plan: dict, baseline_onnx: str,
+              work: Path) -> dict:
+    """The planned model (not fine-tuned: latency does not depend on the weights' values) timed against the
+    unpruned one, interleaved: how far the additive prediction is from the architecture it plans."""
+    from pipeline.int8 import calibration_image_paths
+    from pipeline.latency import interleaved
+
+    lat, e = params.sensitivity.latency, params.evaluate
+    model, ckpt = load_model(trained_pt)
+    ratios = {u: r for u, r in plan["ratios"].items() if r > 0}
+    _, ratios = drop_depth_units(model, plan.get("depth", []), ratios)
+    if ratios:
+        prune_units(model, ratios)
+    calib = calibration_image_paths(data_yaml, lat.calib_images) if lat.graph == "int8" else []
+    planned = latency_model(model, ckpt, work / "plan.onnx", params, calib)["onnx"]
+    t = interleaved({"baseline": baseline_onnx, "plan": planned}, e.threads, warmup=e.warmup, runs=lat.runs,
+                    rounds=lat.rounds)
+    return {"baseline_ms": round(t["baseline"]["median_ms"], 4), "plan_ms": round(t["plan"]["median_ms"], 4),
+            "reduction": round(1 - t["plan"]["median_ms"] / t["baseline"]["median_ms"], 4)}
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
@@ -252,10 +503,17 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
     plt.close(fig)
 
 
-def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[int, int]]:
-    def measure(ratios: dict[str, float]) -> tuple[int, int]:
+def _plan_measure(trained_pt, imgsz: int) -> Callable[..., tuple[int, int]]:
+    def measure(ratios: dict[str, float], depth: Iterable[str] = ()) -> tuple[int, int]:
         model, _ = load_model(trained_pt)
-        prune_units(model, ratios, groups=cached_channel_groups(trained_pt))
+        depth = list(depth)
+        if depth:
+            _, ratios = drop_depth_units(model, depth, ratios)
+            groups = None  # the groups of the shorter model
+        else:
+            groups = cached_channel_groups(trained_pt)
+        if ratios:
+            prune_units(model, ratios, groups=groups)
         return surgery.count_params_macs(model, imgsz)
 
     return measure
@@ -316,8 +574,13 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
         raise SensitivityError(f"sensitivity.ratios must be in (0, 1), got {params.sensitivity.ratios}")
 
+    by_latency = params.sensitivity.target == "latency"
+    # Depth units are measured for the latency plan only: a MACs or params plan keeps today's channel units.
+    depth = [u for u in cached_depth_units(trained_pt) if groups is None or u in groups] if by_latency else []
+    units = [u for u in units if u not in depth]
+
     baseline = evaluate_baseline(trained_pt, data_yaml, params)
-    jobs = [(unit, ratio) for unit in units for ratio in ratios]
+    jobs = [(unit, ratio) for unit in units for ratio in ratios] + [(unit, 1.0) for unit in depth]
     n = len(jobs)
     results = map_fn(evaluate_group, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
                      [u for u, _ in jobs], [r for _, r in jobs])
@@ -329,10 +592,24 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
         rows.append(row)
         progress.step(f"{row['group']} at {row['ratio']:.2f}: drop {row['drop']:+.4f}")
 
-    plan = build_plan(rows, baseline, params, measure=_plan_measure(trained_pt, params.train.imgsz))
+    channel_rows = [r for r in rows if r["kind"] == "channels"]
+    measure = _plan_measure(trained_pt, params.train.imgsz)
+    if by_latency:
+        work = out_dir / ".latency-work"  # absolute, inside the workspace: workers elsewhere write here too
+        try:
+            latency = measure_unit_latency(trained_pt, data_yaml, params, units + depth, work, map_fn)
+            plan = build_latency_plan(rows, baseline, params, latency, measure=measure)
+            plan["expected"]["latency_measured"] = time_plan(trained_pt, data_yaml, params, plan,
+                                                             latency.pop("baseline_onnx"), work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        plan["latency"] = latency
+    else:
+        plan = build_plan(channel_rows, baseline, params, measure=measure)
+        plan["depth"] = []
     plan["model"] = {"checkpoint": str(trained_pt), "sha256": sha256_file(trained_pt), "units": all_units,
-                     "granularity": granularity, "params": baseline["params"], "macs": baseline["macs"],
-                     "imgsz": params.train.imgsz}
+                     "depth_units": cached_depth_units(trained_pt), "granularity": granularity,
+                     "params": baseline["params"], "macs": baseline["macs"], "imgsz": params.train.imgsz}
     plan["val_images"] = params.sensitivity.val_images
     skipped, kept = skipped_units(trained_pt, granularity), kept_whole(trained_pt)
     plan["skipped_units"], plan["kept_whole"] = skipped, kept
@@ -342,9 +619,9 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
     # Units not measured, and convs kept whole inside measured units, get one row each with the reason.
     notes = [{"group": name, "skipped": reason} for name, reason in {**skipped, **kept}.items()]
     write_rows_csv(rows + notes, out_dir / "sensitivity.csv")
-    write_curves_csv(rows, out_dir / "curves.csv")
+    write_curves_csv(channel_rows, out_dir / "curves.csv")
     write_json(out_dir / "sensitivity.json", rows)  # a plain list of records: what `dvc plots` reads
-    plot_sensitivity(rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
+    plot_sensitivity(channel_rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
     write_json(out_dir / "plan.json", plan)
     return {"baseline": baseline, "rows": rows, "plan": plan,
             "outputs": {name: str(out_dir / name) for name in

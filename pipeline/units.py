@@ -11,6 +11,9 @@ which the exported model does not contain, and any layer all of whose channels a
 attention, surgery.classify_groups). A layer partly kept whole is still a unit; `kept_whole` says which of
 its convs stay as they are and why.
 
+Depth units (`cached_depth_units`, pipeline/surgery.py) remove a block's last bottleneck, operators and all;
+the latency plan picks them beside channel units.
+
 Pruning itself is Torch-Pruning's `MetaPruner` (`UnitPruner`): every group of a unit gets the unit's ratio as a
 layer-specific ratio, ranked locally by group L2 magnitude, and iterative pruning (`steps`) aims each step
 at a fraction of the width the pruner started from.
@@ -130,6 +133,27 @@ def list_groups(trained_pt: str | Path, granularity: str = "layer") -> list[str]
         if unit not in units:
             units.append(unit)
     return units
+
+
+def cached_depth_units(trained_pt: str | Path) -> list[str]:
+    """`surgery.depth_units` of a checkpoint (the bottlenecks that may be removed, one per block)."""
+    path = Path(trained_pt).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
+    stat = path.stat()
+    return surgery.depth_units(_load_cached(str(path), stat.st_mtime_ns, stat.st_size)[0])
+
+
+def drop_depth_units(model, depth: list[str], ratios: dict[str, float]) -> tuple[int, dict[str, float]]:
+    """Remove the depth units `depth` from `model` in place (before any channel pruning: each is named by
+    the bottleneck index the unpruned model has), and return (parameters removed, the channel `ratios`
+    left to apply). With group granularity a group inside a removed bottleneck is gone with it and leaves
+    the ratios; a layer unit keeps its ratio for the convs that remain."""
+    removed = 0
+    for unit in depth:
+        removed += surgery.drop_bottleneck(model, unit, TRACE_IMGSZ)
+    left = {u: r for u, r in ratios.items() if not any(in_unit(u, d) for d in depth)}
+    return removed, left
 
 
 def kept_whole(trained_pt: str | Path) -> dict[str, str]:
