@@ -26,7 +26,8 @@ from pipeline import prepare_ultralytics, surgery
 from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
 from pipeline.progress import log_ultralytics_epochs
-from pipeline.units import UnitPruner, cached_depth_units, drop_depth_units, list_groups, load_model
+from pipeline.units import (UnitPruner, cached_depth_units, drop_depth_units, latency_model, list_groups,
+                            load_model)
 from pipeline.workspace import Workspace
 
 
@@ -130,7 +131,6 @@ def measure_latency_reduction(trained_pt: str | Path, pruned_pt: str | Path, dat
     INT8 of each when `graph` is int8): {"trained_ms", "pruned_ms", "reduction", ...}."""
     from pipeline.int8 import calibration_image_paths
     from pipeline.latency import describe_cpu, interleaved
-    from pipeline.sensitivity import latency_model
 
     lat, e = params.sensitivity.latency, params.evaluate
     run_params = params.model_copy(deep=True)

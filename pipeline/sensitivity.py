@@ -16,6 +16,15 @@ Torch-Pruning group on its own (`model.6.cv1_a.conv`). Units that cannot be prun
 they get one row in sensitivity.csv with their reason in `skipped` (and are listed in plan.json), as do the
 convs kept whole inside units that are measured.
 
+Targets (`sensitivity.target`): `macs` or `params` scale the per-unit budget ratios down to remove
+`target_reduction` of them (`build_plan`). `latency` also measures what each unit saves in ONNX Runtime
+latency (`measure_unit_latency`, method in LATENCY_METHOD and in plan.json), adds depth units (a block's last
+bottleneck removed whole, see pipeline/surgery.py; one accuracy row each, kind `depth`), and picks units by
+latency saved per mAP lost until `target_reduction` of the latency is saved (`build_latency_plan`,
+`plan_latency`); the planned architecture is then timed once against the baseline, so plan.json holds both
+the additive prediction and that measurement. At these sizes MACs do not predict latency: operators cost
+time whatever their width.
+
 The model measured is the trained checkpoint re-parameterized (pipeline/reparam.py: YOLOv9's RepConv fused
 into one conv); plan.json's `reparam` records what that alone changed.
 """
@@ -35,7 +44,7 @@ from pipeline.progress import Progress
 from pipeline import prepare_ultralytics, reparam, surgery
 # in_unit, list_groups, load_model and prune_units are used through this module by its callers and tests
 from pipeline.units import (cached_channel_groups, cached_depth_units, drop_depth_units, in_unit,  # noqa: F401
-                            kept_whole, list_groups, load_model, prune_units, skipped_units)
+                            kept_whole, latency_model, list_groups, load_model, prune_units, skipped_units)
 from pipeline.workspace import Workspace
 
 CSV_FIELDS = ["group", "kind", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
@@ -231,30 +240,6 @@ LATENCY_PLAN_RULE = (
     "summed savings reach target_reduction of the baseline's latency; a channel unit that would overshoot "
     "is taken at the fraction of its ratio that just reaches the target. Units that save nothing are never "
     "taken. If every candidate together falls short, all are taken and the plan says target_met: false.")
-
-
-def latency_model(model, ckpt: dict, out_onnx: str | Path, params: Params, calib_images: list[Path]) -> dict:
-    """Export `model` to ONNX the way every latency here is measured (see LATENCY_METHOD): FP32 from
-    Ultralytics' exporter, then a PTQ INT8 copy when params.sensitivity.latency.graph is int8. Returns
-    {"onnx", "params", "macs", "onnx_nodes"} (nodes of the FP32 graph: what a depth unit removes)."""
-    import onnx
-
-    from pipeline.evaluate import export_fp32_onnx
-    from pipeline.int8 import quantize_onnx
-
-    out_onnx = Path(out_onnx)
-    n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
-    with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
-        pt = surgery.save_checkpoint(model, Path(tmp) / "model.pt", ckpt)
-        fp32 = export_fp32_onnx(pt, Path(tmp) / "model.onnx", params.train.imgsz, params.export.opset,
-                                simplify=False)
-        nodes = len(onnx.load(str(fp32)).graph.node)
-        if params.sensitivity.latency.graph == "int8":
-            quantize_onnx(fp32, out_onnx, calib_images)
-        else:
-            out_onnx.parent.mkdir(parents=True, exist_ok=True)
-            fp32.replace(out_onnx)
-    return {"onnx": str(out_onnx), "params": n_params, "macs": macs, "onnx_nodes": nodes}
 
 
 def build_unit_latency_model(trained_pt: str | Path, data_yaml: str | Path, params: Params, unit: str | None,

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 from pathlib import Path
 
 from pipeline import surgery
+from pipeline.params import Params
 
 # Channel structure does not depend on image size; a small trace is enough and fast.
 TRACE_IMGSZ = 64
@@ -238,3 +240,31 @@ def prune_units(model, ratios: dict[str, float], groups: dict[str, list[str]] | 
     """Prune `model` in place in one step: each group inside a unit of `ratios` keeps (1 - ratio) of its
     channels. Returns the number of channels removed. See `UnitPruner`."""
     return UnitPruner(model, ratios, groups=groups).step()
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def latency_model(model, ckpt: dict, out_onnx: str | Path, params: Params, calib_images: list[Path]) -> dict:
+    """Export `model` to ONNX the way the latency plan and prune's check time it (sensitivity.LATENCY_METHOD):
+    FP32 from Ultralytics' exporter, then a PTQ INT8 copy (pipeline.int8.quantize_onnx, calibrated on
+    `calib_images`) when params.sensitivity.latency.graph is int8. Returns {"onnx", "params", "macs",
+    "onnx_nodes"} (nodes of the FP32 graph: what a depth unit removes, which MACs do not show)."""
+    import onnx
+
+    from pipeline.evaluate import export_fp32_onnx
+    from pipeline.int8 import quantize_onnx
+
+    out_onnx = Path(out_onnx)
+    n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
+    with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
+        pt = surgery.save_checkpoint(model, Path(tmp) / "model.pt", ckpt)
+        fp32 = export_fp32_onnx(pt, Path(tmp) / "model.onnx", params.train.imgsz, params.export.opset,
+                                simplify=False)
+        nodes = len(onnx.load(str(fp32)).graph.node)
+        if params.sensitivity.latency.graph == "int8":
+            quantize_onnx(fp32, out_onnx, calib_images)
+        else:
+            out_onnx.parent.mkdir(parents=True, exist_ok=True)
+            fp32.replace(out_onnx)
+    return {"onnx": str(out_onnx), "params": n_params, "macs": macs, "onnx_nodes": nodes}
