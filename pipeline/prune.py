@@ -18,6 +18,7 @@ Outputs in out_dir: best.pt (loads with `YOLO(path)` wherever `pipeline` is impo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,9 +144,13 @@ def measure_latency_reduction(trained_pt: str | Path, pruned_pt: str | Path, dat
                   for name, model in (("trained", trained), ("pruned", pruned))}
         runs = max(lat.runs, e.runs)
         timings = interleaved(models, e.threads, warmup=e.warmup, runs=runs, rounds=lat.rounds)
-    t, p = timings["trained"]["median_ms"], timings["pruned"]["median_ms"]
-    return {"graph": graph, "threads": e.threads, "runs": runs, "rounds": lat.rounds, "cpu": describe_cpu(),
+    key = f"{lat.statistic}_ms"
+    t, p = timings["trained"][key], timings["pruned"][key]
+    return {"graph": graph, "threads": e.threads, "runs": runs, "rounds": lat.rounds, "statistic": lat.statistic,
+            "cpu": describe_cpu(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "trained_ms": round(t, 4), "pruned_ms": round(p, 4), "reduction": round(1 - p / t, 4),
+            "trained_median_ms": round(timings["trained"]["median_ms"], 4),
+            "pruned_median_ms": round(timings["pruned"]["median_ms"], 4),
             "trained_p25_p75_ms": [round(timings["trained"]["p25_ms"], 4), round(timings["trained"]["p75_ms"], 4)],
             "pruned_p25_p75_ms": [round(timings["pruned"]["p25_ms"], 4), round(timings["pruned"]["p75_ms"], 4)]}
 

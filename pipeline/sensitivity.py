@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -227,9 +228,10 @@ LATENCY_METHOD = (
     "latency.graph int8 a PTQ of that ONNX calibrated on latency.calib_images train images with "
     "pipeline.int8.quantize_onnx) and timed by pipeline.latency.interleaved in one session per model at "
     "evaluate.threads threads, latency.runs runs each spread over latency.rounds interleaved rounds. A unit "
-    "saves the baseline's median minus its own. Where that difference is within two standard errors (each "
+    "saves the baseline's latency.statistic (median, or p25 on shared cores) minus its own. Where that difference is within two standard errors (each "
     "median's error estimated from its quartiles), noise dominates and the unit gets the pooled model "
-    "instead: ms saved = a x MACs removed + b x ONNX nodes removed, least squares over every unit. A channel "
+    "instead: ms saved = a x MACs removed + b x ONNX nodes removed (a, b >= 0), least squares over the "
+    "units that stand out of the noise (over every unit if fewer than two do). A channel "
     "unit's saving at another ratio is scaled linearly from the timed ratio; a plan's saving is the sum of "
     "its units' (no interactions).")
 
@@ -257,23 +259,53 @@ def build_unit_latency_model(trained_pt: str | Path, data_yaml: str | Path, para
     return {"unit": unit, **latency_model(model, ckpt, out_onnx, params, calib)}
 
 
-def _median_se(timing: dict) -> float:
-    # Standard error of a median, from the quartiles: sigma ~ IQR / 1.349, se(median) ~ 1.2533 sigma / sqrt(n).
-    return 0.929 * (timing["p75_ms"] - timing["p25_ms"]) / math.sqrt(max(1, timing["runs"]))
+# Standard error of a median from the quartiles: sigma ~ IQR / 1.349, se(median) ~ 1.2533 sigma / sqrt(n); a
+# 25th percentile's is 1.087 times that (normal theory). Contention from other jobs makes timings bimodal and
+# the IQR wide, so on shared cores this errs towards "noise" and the pooled model.
+_SE_FACTOR = {"median": 0.929, "p25": 1.087 * 0.929}
 
 
-def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, dict]) -> dict[str, dict]:
-    """Per unit: measured ms saved, its noise, the pooled model's estimate, and the saving used (see
-    LATENCY_METHOD). `baseline`: {"timing", "macs", "onnx_nodes"} of the unpruned model; `timings`: per unit
-    `pipeline.latency` summaries; `builds`: per unit {"macs", "onnx_nodes"}. Pure."""
+def _quantile_se(timing: dict, statistic: str) -> float:
+    return _SE_FACTOR[statistic] * (timing["p75_ms"] - timing["p25_ms"]) / math.sqrt(max(1, timing["runs"]))
+
+
+def _nonnegative_fit(x, y):
+    """Least squares y ~ x @ coef with coef >= 0 (two columns): removing MACs or operators cannot, in
+    expectation, make a model slower, and noisy units must not teach the pooled model that it does."""
     import numpy as np
 
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    if (coef >= 0).all():
+        return coef
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(y ** 2))
+    for j in range(x.shape[1]):  # one column alone, clipped at 0
+        col = x[:, j]
+        c = max(0.0, float(col @ y) / float(col @ col)) if float(col @ col) > 0 else 0.0
+        err = float(np.sum((y - c * col) ** 2))
+        if err < best_err:
+            best, best_err = np.zeros(x.shape[1]), err
+            best[j] = c
+    return best
+
+
+def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, dict],
+                    statistic: str = "median") -> dict[str, dict]:
+    """Per unit: measured ms saved, its noise, the pooled model's estimate, and the saving used (see
+    LATENCY_METHOD). `baseline`: {"timing", "macs", "onnx_nodes"} of the unpruned model; `timings`: per unit
+    `pipeline.latency` summaries; `builds`: per unit {"macs", "onnx_nodes"}; `statistic`: "median" or "p25"
+    of each model's runs. Pure."""
+    import numpy as np
+
+    if statistic not in _SE_FACTOR:
+        raise SensitivityError(f"latency statistic must be one of {sorted(_SE_FACTOR)}, got {statistic!r}")
+    key = f"{statistic}_ms"
     units = list(timings)
-    base_ms = baseline["timing"]["median_ms"]
-    measured = {u: base_ms - timings[u]["median_ms"] for u in units}
+    base_ms = baseline["timing"][key]
+    measured = {u: base_ms - timings[u][key] for u in units}
     features = {u: (baseline["macs"] - builds[u]["macs"], baseline["onnx_nodes"] - builds[u]["onnx_nodes"])
                 for u in units}
-    se = {u: math.sqrt(_median_se(baseline["timing"]) ** 2 + _median_se(timings[u]) ** 2) for u in units}
+    se = {u: math.sqrt(_quantile_se(baseline["timing"], statistic) ** 2 + _quantile_se(timings[u], statistic) ** 2)
+          for u in units}
     noisy = {u: abs(measured[u]) < 2 * se[u] and len(units) >= 2 for u in units}
     # The pooled model learns from the units that stand out of the noise (all of them if fewer than two do).
     fit = [u for u in units if not noisy[u]]
@@ -283,8 +315,7 @@ def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, 
         # Scaled columns: MACs run to millions, nodes to tens; unscaled, the least squares is ill-conditioned.
         x = np.array([features[u] for u in fit], dtype=float)
         scale = np.maximum(np.abs(x).max(axis=0), 1.0)
-        solution = np.linalg.lstsq(x / scale, np.array([measured[u] for u in fit]), rcond=None)[0]
-        coef = solution / scale
+        coef = _nonnegative_fit(x / scale, np.array([measured[u] for u in fit])) / scale
     out = {}
     for u in units:
         pooled = float(coef[0] * features[u][0] + coef[1] * features[u][1])
@@ -292,7 +323,7 @@ def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, 
         out[u] = {"measured_ms": round(measured[u], 4), "se_ms": round(se_u, 4), "pooled_ms": round(pooled, 4),
                   "saved_ms": round(pooled if noisy_u else measured[u], 4),
                   "source": "pooled" if noisy_u else "measured",
-                  "unit_ms": round(timings[u]["median_ms"], 4), "macs_removed": features[u][0],
+                  "unit_ms": round(timings[u][key], 4), "macs_removed": features[u][0],
                   "onnx_nodes_removed": features[u][1]}
     return out
 
@@ -405,10 +436,11 @@ def measure_unit_latency(trained_pt: Path, data_yaml: Path, params: Params, unit
                           warmup=e.warmup, runs=lat.runs, rounds=lat.rounds)
     base_timing = timings.pop("baseline")
     savings = latency_savings({"timing": base_timing, "macs": base["macs"], "onnx_nodes": base["onnx_nodes"]},
-                              timings, by_unit)
+                              timings, by_unit, lat.statistic)
     return {"method": LATENCY_METHOD, "graph": lat.graph, "threads": e.threads, "ratio": lat.ratio,
-            "runs": lat.runs, "rounds": lat.rounds, "cpu": describe_cpu(),
-            "baseline_ms": round(base_timing["median_ms"], 4),
+            "runs": lat.runs, "rounds": lat.rounds, "statistic": lat.statistic, "cpu": describe_cpu(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "baseline_ms": round(base_timing[f"{lat.statistic}_ms"], 4),
             "baseline": {k: round(v, 4) if isinstance(v, float) else v for k, v in base_timing.items()},
             "units": savings, "baseline_onnx": base["onnx"]}
 
@@ -430,8 +462,9 @@ def time_plan(trained_pt: Path, data_yaml: Path, params: Params, plan: dict, bas
     planned = latency_model(model, ckpt, work / "plan.onnx", params, calib)["onnx"]
     t = interleaved({"baseline": baseline_onnx, "plan": planned}, e.threads, warmup=e.warmup, runs=lat.runs,
                     rounds=lat.rounds)
-    return {"baseline_ms": round(t["baseline"]["median_ms"], 4), "plan_ms": round(t["plan"]["median_ms"], 4),
-            "reduction": round(1 - t["plan"]["median_ms"] / t["baseline"]["median_ms"], 4)}
+    key = f"{lat.statistic}_ms"
+    return {"statistic": lat.statistic, "baseline_ms": round(t["baseline"][key], 4),
+            "plan_ms": round(t["plan"][key], 4), "reduction": round(1 - t["plan"][key] / t["baseline"][key], 4)}
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

@@ -211,3 +211,18 @@ def test_latency_target_end_to_end_writes_a_plan_that_records_its_target(tiny, t
     assert plan["target_met"] == (expected["latency_reduction"] >= 0.1 - 1e-9)
     assert expected["latency_measured"]["plan_ms"] > 0 and expected["params"] < result["baseline"]["params"]
     assert not (tmp_path / ".latency-work").exists()
+
+
+def test_pooled_model_never_learns_that_removing_work_slows_a_model():
+    # Every unit inside the noise, the depth ones measured "slower": the pooled model may not go negative.
+    base = {"timing": {"median_ms": 10.0, "p25_ms": 8.0, "p75_ms": 12.0, "runs": 40}, "macs": 1000, "onnx_nodes": 100}
+    timing = lambda ms: {"median_ms": ms, "p25_ms": ms - 2, "p75_ms": ms + 2, "runs": 40}  # noqa: E731
+    timings = {"a": timing(9.9), "b": timing(9.8), "d1": timing(10.2), "d2": timing(10.3)}
+    builds = {"a": {"macs": 900, "onnx_nodes": 100}, "b": {"macs": 800, "onnx_nodes": 100},
+              "d1": {"macs": 990, "onnx_nodes": 93}, "d2": {"macs": 990, "onnx_nodes": 94}}
+    for statistic in ("median", "p25"):
+        out = sensitivity.latency_savings(base, timings, builds, statistic)
+        assert all(u["source"] == "pooled" and u["saved_ms"] >= 0 for u in out.values())
+        assert out["b"]["saved_ms"] > out["a"]["saved_ms"] > 0  # MACs still explain the channel units
+    with pytest.raises(sensitivity.SensitivityError, match="p90"):
+        sensitivity.latency_savings(base, timings, builds, "p90")
