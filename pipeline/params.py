@@ -100,7 +100,7 @@ class LatencyPlanParams(Section):
     graph: Literal["int8", "fp32"] = "int8"  # int8: a cheap PTQ of each pruned copy (the deployed form)
     ratio: float = 0.5  # each channel unit is timed pruned at this one ratio; savings scale linearly with it
     runs: int = 40  # timed runs per model, interleaved with the unpruned baseline
-    rounds: int = 10
+    rounds: int = 40  # = runs: one run per model per round, so load from other jobs falls on every model alike
     # median: the evaluator's statistic. p25: on cores shared with other jobs the timings turn bimodal
     # (measured: p25 3.2 ms, median 7.0 ms for one model at load 6 on 2 cores) and the median times the others.
     statistic: Literal["median", "p25"] = "median"

@@ -224,16 +224,18 @@ def build_plan(rows: list[dict], baseline: dict, params: Params,
 
 LATENCY_METHOD = (
     "Each channel unit is pruned alone at sensitivity.latency.ratio and each depth unit removed alone, in a "
-    "copy of the trained model; every copy and the unpruned model are exported to ONNX (FP32, or with "
-    "latency.graph int8 a PTQ of that ONNX calibrated on latency.calib_images train images with "
-    "pipeline.int8.quantize_onnx) and timed by pipeline.latency.interleaved in one session per model at "
-    "evaluate.threads threads, latency.runs runs each spread over latency.rounds interleaved rounds. A unit "
-    "saves the baseline's latency.statistic (median, or p25 on shared cores) minus its own. Where that difference is within two standard errors (each "
-    "median's error estimated from its quartiles), noise dominates and the unit gets the pooled model "
-    "instead: ms saved = a x MACs removed + b x ONNX nodes removed (a, b >= 0), least squares over the "
-    "units that stand out of the noise (over every unit if fewer than two do). A channel "
-    "unit's saving at another ratio is scaled linearly from the timed ratio; a plan's saving is the sum of "
-    "its units' (no interactions).")
+    "copy of the trained model; every copy and the unpruned model (twice, built separately) are exported to "
+    "ONNX (FP32, or with latency.graph int8 a PTQ of that ONNX calibrated on latency.calib_images train "
+    "images with pipeline.int8.quantize_onnx) and timed by pipeline.latency.interleaved in one session per "
+    "model at evaluate.threads threads, latency.runs runs each spread over latency.rounds interleaved rounds "
+    "(rounds = runs: one run per model per round, so every model sees the same load). A unit saves the "
+    "baseline's latency.statistic (median, or p25) minus its own; the baseline is the mean of its two copies "
+    "and their difference is the session noise. Where a saving is within two standard errors (each "
+    "statistic's from its quartiles, plus the session noise), noise dominates and the unit gets the pooled "
+    "model instead: ms saved = a x MACs removed + b x ONNX nodes removed (a, b >= 0), least squares over the "
+    "units that stand out of the noise (over every unit if fewer than two do). A channel unit's saving at "
+    "another ratio is scaled linearly from the timed ratio; a plan's saving is the sum of its units' (no "
+    "interactions).")
 
 LATENCY_PLAN_RULE = (
     "Candidates: every channel unit at its budget ratio (the largest measured ratio within max_drop, every "
@@ -289,11 +291,12 @@ def _nonnegative_fit(x, y):
 
 
 def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, dict],
-                    statistic: str = "median") -> dict[str, dict]:
+                    statistic: str = "median", session_noise_ms: float = 0.0) -> dict[str, dict]:
     """Per unit: measured ms saved, its noise, the pooled model's estimate, and the saving used (see
     LATENCY_METHOD). `baseline`: {"timing", "macs", "onnx_nodes"} of the unpruned model; `timings`: per unit
     `pipeline.latency` summaries; `builds`: per unit {"macs", "onnx_nodes"}; `statistic`: "median" or "p25"
-    of each model's runs. Pure."""
+    of each model's runs; `session_noise_ms`: how far two separately built copies of one model time apart,
+    a noise that more runs do not shrink. Pure."""
     import numpy as np
 
     if statistic not in _SE_FACTOR:
@@ -304,8 +307,8 @@ def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, 
     measured = {u: base_ms - timings[u][key] for u in units}
     features = {u: (baseline["macs"] - builds[u]["macs"], baseline["onnx_nodes"] - builds[u]["onnx_nodes"])
                 for u in units}
-    se = {u: math.sqrt(_quantile_se(baseline["timing"], statistic) ** 2 + _quantile_se(timings[u], statistic) ** 2)
-          for u in units}
+    se = {u: math.sqrt(_quantile_se(baseline["timing"], statistic) ** 2 + _quantile_se(timings[u], statistic) ** 2
+                       + session_noise_ms ** 2) for u in units}
     noisy = {u: abs(measured[u]) < 2 * se[u] and len(units) >= 2 for u in units}
     # The pooled model learns from the units that stand out of the noise (all of them if fewer than two do).
     fit = [u for u in units if not noisy[u]]
@@ -422,7 +425,9 @@ def measure_unit_latency(trained_pt: Path, data_yaml: Path, params: Params, unit
     if not 0.0 < lat.ratio < 1.0:
         raise SensitivityError(f"sensitivity.latency.ratio must be in (0, 1), got {lat.ratio}")
     work.mkdir(parents=True, exist_ok=True)
-    names: list[str | None] = [None, *units]
+    # The unpruned model twice, built and timed separately: measured here, two builds of one model ran 0.12 ms
+    # (2%) apart while one file timed twice agreed to 0.005 ms, a per-session noise no run count removes.
+    names: list[str | None] = [None, None, *units]
     paths = [str(work / f"{i:03d}.onnx") for i in range(len(names))]
     n = len(names)
     progress = Progress("latency models", n)
@@ -431,16 +436,22 @@ def measure_unit_latency(trained_pt: Path, data_yaml: Path, params: Params, unit
                         names, paths):
         builds.append(build)
         progress.step(f"{build['unit'] or 'baseline'}: {Path(build['onnx']).name}")
-    base, by_unit = builds[0], {b["unit"]: b for b in builds[1:]}
-    timings = interleaved({"baseline": base["onnx"], **{u: by_unit[u]["onnx"] for u in units}}, e.threads,
-                          warmup=e.warmup, runs=lat.runs, rounds=lat.rounds)
-    base_timing = timings.pop("baseline")
+    base, repeat, by_unit = builds[0], builds[1], {b["unit"]: b for b in builds[2:]}
+    timings = interleaved({"baseline": base["onnx"], "baseline_repeat": repeat["onnx"],
+                           **{u: by_unit[u]["onnx"] for u in units}}, e.threads, warmup=e.warmup, runs=lat.runs,
+                          rounds=lat.rounds)
+    first, second = timings.pop("baseline"), timings.pop("baseline_repeat")
+    # The reference is the two copies' mean; their difference is the session noise.
+    base_timing = {k: (first[k] + second[k]) / 2 for k in ("median_ms", "p25_ms", "p75_ms")}
+    base_timing["runs"] = first["runs"] + second["runs"]
+    key = f"{lat.statistic}_ms"
+    session_noise = abs(first[key] - second[key])
     savings = latency_savings({"timing": base_timing, "macs": base["macs"], "onnx_nodes": base["onnx_nodes"]},
-                              timings, by_unit, lat.statistic)
+                              timings, by_unit, lat.statistic, session_noise)
     return {"method": LATENCY_METHOD, "graph": lat.graph, "threads": e.threads, "ratio": lat.ratio,
             "runs": lat.runs, "rounds": lat.rounds, "statistic": lat.statistic, "cpu": describe_cpu(),
             "load_average": [round(x, 2) for x in os.getloadavg()],
-            "baseline_ms": round(base_timing[f"{lat.statistic}_ms"], 4),
+            "baseline_ms": round(base_timing[key], 4), "session_noise_ms": round(session_noise, 4),
             "baseline": {k: round(v, 4) if isinstance(v, float) else v for k, v in base_timing.items()},
             "units": savings, "baseline_onnx": base["onnx"]}
 

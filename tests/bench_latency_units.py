@@ -39,6 +39,7 @@ def main(graph: str = "int8", statistic: str = "median", runs: int = 40, out_jso
     params.sensitivity.latency.graph = graph
     params.sensitivity.latency.statistic = statistic
     params.sensitivity.latency.runs = runs
+    params.sensitivity.latency.rounds = runs  # one run per model per round: every model sees the same load
     key = f"{statistic}_ms"
     imgsz = params.train.imgsz
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
@@ -76,7 +77,7 @@ def main(graph: str = "int8", statistic: str = "median", runs: int = 40, out_jso
         macs_plan = sensitivity.build_plan(rows, baseline, params, measure=sensitivity._plan_measure(trained, imgsz))
         macs_built = build({u: r for u, r in macs_plan["ratios"].items() if r > 0}, [])
         base_onnx = lat.pop("baseline_onnx")
-        first = interleaved({"baseline": base_onnx, "macs_plan": macs_built["onnx"]}, 1, 5, runs, 10)
+        first = interleaved({"baseline": base_onnx, "macs_plan": macs_built["onnx"]}, 1, 5, runs, runs)
         macs_plan_latency = 1 - first["macs_plan"][key] / first["baseline"][key]
 
         candidates = [{"unit": u, "kind": "channels", "ratio": 0.8, "drop": 0.0,
@@ -86,7 +87,7 @@ def main(graph: str = "int8", statistic: str = "median", runs: int = 40, out_jso
         picked = sensitivity.plan_latency(candidates, lat["baseline_ms"], max(macs_plan_latency, 0.01))
         latency_built = build(picked["ratios"], picked["depth"])
         timed = interleaved({"baseline": base_onnx, "macs_plan": macs_built["onnx"],
-                             "latency_plan": latency_built["onnx"]}, 1, 5, runs, 10)
+                             "latency_plan": latency_built["onnx"]}, 1, 5, runs, runs)
 
     b = timed["baseline"][key]
     result = {

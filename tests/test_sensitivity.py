@@ -209,7 +209,10 @@ def test_latency_target_end_to_end_writes_a_plan_that_records_its_target(tiny, t
     expected = plan["expected"]
     assert expected["latency_ms"] == pytest.approx(lat["baseline_ms"] - expected["latency_saved_ms"], abs=1e-3)
     assert plan["target_met"] == (expected["latency_reduction"] >= 0.1 - 1e-9)
-    assert expected["latency_measured"]["plan_ms"] > 0 and expected["params"] < result["baseline"]["params"]
+    assert expected["latency_measured"]["plan_ms"] > 0 and expected["params"] <= result["baseline"]["params"]
+    if plan["depth"]:  # which units save time on a 64 px model is noise; a removed bottleneck always shows
+        assert expected["params"] < result["baseline"]["params"]
+    assert lat["session_noise_ms"] >= 0
     assert not (tmp_path / ".latency-work").exists()
 
 
