@@ -604,6 +604,8 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
         raise SensitivityError(f"sensitivity.ratios must be in (0, 1), got {params.sensitivity.ratios}")
 
     by_latency = params.sensitivity.target == "latency"
+    if by_latency and not 0.0 < params.sensitivity.latency.ratio < 1.0:  # before the evaluations, not after
+        raise SensitivityError(f"sensitivity.latency.ratio must be in (0, 1), got {params.sensitivity.latency.ratio}")
     # Depth units are measured for the latency plan only: a MACs or params plan keeps today's channel units.
     depth = [u for u in cached_depth_units(trained_pt) if groups is None or u in groups] if by_latency else []
     units = [u for u in units if u not in depth]
