@@ -392,9 +392,14 @@ def build_latency_plan(rows: list[dict], baseline: dict, params: Params, latency
         measure = lambda r, d: estimate({**r, **{u: 1.0 for u in d}})  # noqa: E731 (depth rows sit at ratio 1)
     n_params, macs = measure({u: r for u, r in ratios.items() if r > 0}, picked["depth"])
     reduction = picked["reduction"]
-    note = ("target reached (predicted)" if picked["target_met"] else
-            f"the units within budget (max_drop={s.max_drop}) are predicted to save only {reduction:.1%} of "
-            f"the latency, below the target {s.target_reduction:.0%}; the plan takes them all")
+    if picked["target_met"]:
+        note = "target reached (predicted)"
+    elif not picked["order"]:
+        note = (f"no unit within budget (max_drop={s.max_drop}) is predicted to save latency; the plan prunes "
+                "nothing")
+    else:
+        note = (f"the units within budget (max_drop={s.max_drop}) that save latency are predicted to save only "
+                f"{reduction:.1%} of it, below the target {s.target_reduction:.0%}; the plan takes them all")
     return {
         "rule": LATENCY_PLAN_RULE,
         "max_drop": s.max_drop,
