@@ -30,8 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "stopping at the first failure")
     add_common(run)
     run.add_argument("--from", dest="start", help="start at this stage (earlier outputs must exist)")
-    add_common(commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
-                                                 "pruned + INT8 (runs the pipeline first if needed)"))
+    bench = commands.add_parser("bench", help="benchmark table: FP32, the fair FP32 control, Ultralytics' ONNX and "
+                                              "OpenVINO exports, ours pruned and pruned + INT8 (runs the pipeline "
+                                              "first if needed)")
+    add_common(bench)
+    bench.add_argument("--imgsz", type=int, nargs="+", metavar="N",
+                       help="run the whole pipeline at each image size in bench/imgsz-N/ and benchmark each")
+    bench.add_argument("--models", nargs="+", metavar="MODEL_YAML",
+                       help="the family table instead: the pipeline once per model YAML (e.g. yolov5n.yaml "
+                            "yolov8n.yaml yolov9t.yaml yolo11n.yaml yolo26n.yaml), FP32 ONNX vs final INT8")
+    bench.add_argument("--runs", type=int, default=50, help="timed runs per model and thread count (default 50)")
+    bench.add_argument("--fresh", action="store_true", help="rerun pipelines that already finished with the same params")
     dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (--check: only compare)")
     dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs from the stage table")
     dvc_yaml.add_argument("--root", default=".", help="the repository folder holding dvc.yaml")
@@ -89,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return registry_cli.main(args, ws.params, ws.root)
         if args.command == "bench":
+            if args.models:
+                from pipeline.families import bench_families
+
+                print(bench_families(ws, args.models, args.runs, args.fresh)["markdown"])
+                return 0
             from pipeline.bench import run_bench
 
-            print(run_bench(ws)["markdown"])
+            print(run_bench(ws, args.imgsz, args.runs, args.fresh)["markdown"])
             return 0
         from pipeline.stages import RUN_STAGES, stage_named
 

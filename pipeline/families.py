@@ -1,24 +1,25 @@
 """The family table: each YOLO family at its smallest scale through the whole pipeline on the same data, the
 FP32 ONNX export of the trained model against our final INT8 model.
 
-`bench_families(ws, models)` makes one workspace per model YAML under `bench/families/<model>/` (its own
-params.yaml: the run's params with `train.model` set to that YAML, the run's dataset, a local registry),
-runs `python -m pipeline run` in each, then measures both ONNX models of every family with the shared
-evaluator and ONNX Runtime (`bench.measure`, the same measurement as the benchmark table) and writes
-bench/results/families.md and families.json. A family whose run stops at a gate still gets a row: its
-FP32 column, and which gate stopped it.
+`python -m pipeline bench --models yolov5n.yaml yolov8n.yaml ...` (`bench_families(ws, models)`) makes one
+workspace per model YAML under `bench/families/<model>/` (`bench.sub_workspace`: the run's params with
+`train.model` set to that YAML, the same dataset, a local registry), runs `python -m pipeline run` in each
+(a finished run with the same params is reused), then measures both ONNX models of every family with the
+shared evaluator, timed in turns in ONNX Runtime (`bench.accuracy_row`, `bench.timed_rows`: the same
+measurement as the benchmark table) and writes bench/results/families.md and families.json. A family whose
+run stops at a gate still gets a row: its FP32 column, its INT8 column if qat made one, and which gate
+stopped it with the measured value.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
+from pipeline import latency
+from pipeline.bench import accuracy_row, run_pipeline, sub_workspace, timed_rows
 from pipeline.io import read_json, write_json, write_text
 from pipeline.params import Params
 from pipeline.workspace import Workspace
@@ -28,7 +29,6 @@ FAMILIES = {"yolov5n.yaml": "YOLOv5u", "yolov8n.yaml": "YOLOv8", "yolov9t.yaml":
             "yolo11n.yaml": "YOLO11", "yolo26n.yaml": "YOLO26"}
 FAMILIES_DIR = Path("bench/families")
 RESULTS_DIR = Path("bench/results")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def detection_yamls(scales: str = "ns") -> list[str]:
@@ -50,33 +50,6 @@ def detection_yamls(scales: str = "ns") -> list[str]:
             names += [f"{base}{scale}{'-' + variant if variant else ''}.yaml" for scale in scales
                       if scale in cfg["scales"]]
     return names
-
-
-def family_workspace(ws: Workspace, model_yaml: str, data_yaml: Path) -> Path:
-    """The folder of one family's run, with its params.yaml: the run's params, `train.model` set to
-    `model_yaml`, the dataset at `data_yaml` (shared by every family), a local registry of its own."""
-    root = ws.path(FAMILIES_DIR) / Path(model_yaml).stem
-    root.mkdir(parents=True, exist_ok=True)
-    raw = ws.params.as_dict()
-    raw["train"]["model"] = model_yaml
-    raw["data"]["yaml"] = str(data_yaml.resolve())
-    raw["registry"].update({"uri": "registry", "endpoint_url": None})
-    write_text(root / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
-    return root
-
-
-def run_family(root: Path) -> dict:
-    """`python -m pipeline run` in one family's workspace; returns {"returncode", "seconds", "log"}.
-
-    A separate process per family: each run starts from a clean torch/Ultralytics state, and a family that
-    fails leaves the others running."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    with open(root / "run.log", "w") as log:
-        done = subprocess.run([sys.executable, "-m", "pipeline", "run", "--root", str(root), "--quiet"],
-                              cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return {"returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "log": str(root / "run.log")}
 
 
 def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
@@ -101,30 +74,40 @@ def stages_applied(outputs: Path) -> tuple[list[str], str | None]:
     for stage in [stage.name for stage in RUN_STAGES]:
         gate = outputs / stage / ("report.json" if stage == "gate" else "gate.json")
         if gate.is_file() and not read_json(gate)["passed"]:
-            failed = [c["gate"] for c in read_json(gate)["checks"] if not c["passed"]]
+            failed = [c["gate"] + (f" {c['value']:.3f} (limit {c['limit']})" if "value" in c and "limit" in c else "")
+                      for c in read_json(gate)["checks"] if not c["passed"]]
             stopped = f"{stage} gate failed: {', '.join(failed)}"
             break
     return applied, stopped
 
 
 def family_row(model_yaml: str, root: Path, data_yaml: Path, params: Params, runs: int) -> dict:
-    """One table row: the trained model's FP32 ONNX and the final INT8 ONNX, measured alike."""
-    from pipeline.bench import measure
+    """One table row: the trained model's FP32 ONNX and the final INT8 ONNX, measured alike and timed in turns."""
     from pipeline.evaluate import export_fp32_onnx
 
     outputs = root / "outputs"
     trained = outputs / "train" / "best.pt"
-    final = outputs / "export" / "model.onnx"
+    # A run stopped by the qat gate still made its INT8 model: measured, the row shows what the gate refused.
+    final = next((p for p in (outputs / "export" / "model.onnx", outputs / "qat" / "model_int8.onnx") if p.is_file()),
+                 None)
     applied, stopped = stages_applied(outputs)
     row = {"family": FAMILIES.get(model_yaml, model_yaml), "model": model_yaml, "fp32": None, "int8": None,
            "stages": applied, "stopped": stopped}
-    if trained.is_file():
-        with tempfile.TemporaryDirectory(prefix="families-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="families-") as tmp:
+        measured = []
+        if trained.is_file():
             fp32 = export_fp32_onnx(trained, Path(tmp) / "fp32.onnx", params.train.imgsz, params.export.opset,
                                     params.export.simplify)
-            row["fp32"] = measure("FP32 ONNX", fp32, trained, data_yaml, params, runs)
-    if final.is_file() and not stopped:
-        row["int8"] = measure("final INT8", final, outputs / "prune" / "best.pt", data_yaml, params, runs)
+            row["fp32"] = accuracy_row("FP32 ONNX", "onnxruntime", fp32, trained, data_yaml, params)
+            measured.append(row["fp32"])
+        if final is not None:
+            row["int8"] = accuracy_row("final INT8", "onnxruntime", final, outputs / "prune" / "best.pt",
+                                       data_yaml, params)
+            measured.append(row["int8"])
+        if measured:
+            timed_rows(measured, params.evaluate.warmup, runs)
+    for m in measured:
+        m["timed"] = [str(m["timed"][0]), m["timed"][1]]
     return row
 
 
@@ -144,25 +127,24 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_families(ws: Workspace, models: list[str] | None = None, runs: int = 50) -> dict:
+def bench_families(ws: Workspace, models: list[str] | None = None, runs: int = 50, fresh: bool = False) -> dict:
     """Run the pipeline for every model YAML in `models` (default: FAMILIES) on `ws`'s dataset and params, and
     write bench/results/families.md and families.json under `ws.root`. Returns {"rows", "markdown"}."""
     import onnxruntime
 
-    from pipeline.bench import _cpu_count, _cpu_model
-
     data_yaml = ws.data_yaml()
     rows = []
     for model_yaml in models or list(FAMILIES):
-        root = family_workspace(ws, model_yaml, data_yaml)
-        run = run_family(root)
+        root = sub_workspace(ws, ws.path(FAMILIES_DIR) / Path(model_yaml).stem, {"train.model": model_yaml})
+        run = run_pipeline(root, fresh)
         row = family_row(model_yaml, root, data_yaml, ws.params, runs)
         row["run"] = run
         if run["returncode"] != 0 and not row["stopped"]:
             row["stopped"] = f"pipeline failed (exit {run['returncode']}), see {run['log']}"
         rows.append(row)
-    header = (f"Families {time.strftime('%Y-%m-%d')} on {_cpu_model()}, {_cpu_count()} cores; ONNX Runtime "
-              f"{onnxruntime.__version__} CPU, batch 1, median of {runs}; data {data_yaml}; imgsz "
+    header = (f"Families {time.strftime('%Y-%m-%d')} on {latency.describe_cpu()}; ONNX Runtime "
+              f"{onnxruntime.__version__} CPU (spinning off), batch 1, each family's two models interleaved, "
+              f"median of {runs}; data {data_yaml}; imgsz "
               f"{ws.params.train.imgsz}; every family trained, pruned and quantized with the same params.")
     text = "\n".join([header, "", markdown_table(rows)]) + "\n"
     out_dir = ws.path(RESULTS_DIR)

@@ -40,18 +40,23 @@ def openvino_xml(path: str | Path) -> Path | None:
     return None
 
 
-def runner(model_path: str | Path, threads: int) -> Callable[[], object]:
-    """A zero-argument callable that runs the model once on a fixed random batch-1 input."""
+def runner(model_path: str | Path, threads: int, runtime: str | None = None) -> Callable[[], object]:
+    """A zero-argument callable that runs the model once on a fixed random batch-1 input. `runtime`
+    ("onnxruntime" or "openvino") defaults to the model's own: OpenVINO for IR, ONNX Runtime for `.onnx`;
+    OpenVINO also reads `.onnx` files directly."""
     model_path = Path(model_path)
     if not model_path.exists():
         raise LatencyError(f"{model_path}: no such model")
     xml = openvino_xml(model_path)
+    runtime = runtime or ("openvino" if xml is not None else "onnxruntime")
+    if runtime not in {"onnxruntime", "openvino"} or (runtime == "onnxruntime" and xml is not None):
+        raise LatencyError(f"{model_path}: cannot run in {runtime!r} (runtimes: onnxruntime for .onnx, openvino)")
     rng = np.random.default_rng(0)
-    if xml is not None:
+    if runtime == "openvino":
         import openvino as ov
 
         core = ov.Core()
-        compiled = core.compile_model(str(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+        compiled = core.compile_model(str(xml or model_path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                                          "INFERENCE_NUM_THREADS": threads})
         shape = [d.get_length() if d.is_static else 1 for d in compiled.input(0).get_partial_shape()]
         request = compiled.create_infer_request()
@@ -73,14 +78,16 @@ def runner(model_path: str | Path, threads: int) -> Callable[[], object]:
     return lambda: session.run(None, feed)
 
 
-def interleaved(models: dict[str, str | Path], threads: int, warmup: int = 5, runs: int = 30,
+def interleaved(models: dict[str, str | Path | tuple], threads: int, warmup: int = 5, runs: int = 30,
                 rounds: int = 5) -> dict[str, dict]:
     """{name: {"median_ms", "p25_ms", "p75_ms", "runs"}} of every model, timed in turns.
 
-    `runs` timed runs per model in all, spread over `rounds` rounds (at least one run per round)."""
+    A model is a path, or (path, runtime) to choose the runtime. `runs` timed runs per model in all, spread
+    over `rounds` rounds (at least one run per round)."""
     if not models:
         return {}
-    runners = {name: runner(path, threads) for name, path in models.items()}
+    runners = {name: runner(model[0], threads, model[1]) if isinstance(model, (tuple, list)) else runner(model, threads)
+               for name, model in models.items()}
     for run in runners.values():
         for _ in range(warmup):
             run()

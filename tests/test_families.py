@@ -144,18 +144,49 @@ def test_family_table_says_what_was_applied_and_where_a_run_stopped(tmp_path):
     assert table.rstrip().endswith("stopped: qat gate failed: max_map_drop |")
 
 
-@pytest.mark.slow
-def test_bench_families_runs_the_pipeline_per_family(tmp_path):
+@pytest.fixture(scope="module")
+def yolo11_bench(tmp_path_factory):
+    """`bench --models yolo11n.yaml` on tiny data: one whole pipeline run in bench/families/yolo11n."""
     from conftest import write_tiny_params
     from pipeline import families
     from pipeline.workspace import Workspace
 
-    write_tiny_params(tmp_path)
-    result = families.bench_families(Workspace.load(tmp_path), ["yolo11n.yaml"], runs=3)
+    root = tmp_path_factory.mktemp("bench")
+    write_tiny_params(root)
+    return root, families.bench_families(Workspace.load(root), ["yolo11n.yaml"], runs=3)
 
+
+@pytest.mark.slow
+def test_bench_families_runs_the_pipeline_per_family(yolo11_bench):
+    from pipeline import families
+    from pipeline.workspace import Workspace
+
+    tmp_path, result = yolo11_bench
     (row,) = result["rows"]
     assert row["run"]["returncode"] == 0 and row["stopped"] is None
     assert row["fp32"]["file_mb"] > row["int8"]["file_mb"] > 0
     assert "pruned" in "; ".join(row["stages"])
     assert (tmp_path / "bench/families/yolo11n/outputs/export/model.onnx").is_file()
     assert "| YOLO11 | yolo11n.yaml |" in (tmp_path / "bench/results/families.md").read_text()
+    # A finished run with the same params is measured again, not rerun.
+    again = families.bench_families(Workspace.load(tmp_path), ["yolo11n.yaml"], runs=3)
+    assert again["rows"][0]["run"]["reused"] and again["rows"][0]["int8"]["file_mb"] == row["int8"]["file_mb"]
+
+
+@pytest.mark.slow
+def test_bench_measures_every_row_in_its_own_runtime(yolo11_bench):
+    """The benchmark table on a finished run: Ultralytics' ONNX and OpenVINO exports beside ours."""
+    from pipeline.bench import bench_workspace
+    from pipeline.workspace import Workspace
+
+    tmp_path, _ = yolo11_bench
+    result = bench_workspace(Workspace.load(tmp_path / "bench/families/yolo11n"), runs=3)
+    rows = {r["role"]: r for r in result["rows"]}
+    assert list(rows) == ["fp32", "control", "ultralytics_onnx_int8", "ultralytics_openvino",
+                          "ultralytics_openvino_int8", "ours_pruned", "ours_ort", "ours_openvino"]
+    assert rows["control"]["baseline"] and not rows["fp32"]["baseline"]
+    assert rows["ultralytics_openvino_int8"]["runtime"] == rows["ours_openvino"]["runtime"] == "openvino"
+    assert rows["ours_ort"]["file_mb"] < rows["ultralytics_onnx_int8"]["file_mb"] < rows["fp32"]["file_mb"]
+    assert all(r["ms_1_thread"] > 0 and r["ms_2_threads"] > 0 for r in rows.values())
+    text = (tmp_path / "bench/families/yolo11n/bench/results/bench.md").read_text()
+    assert "Ultralytics format=openvino int8=True | openvino |" in text and "Targets:" in text
