@@ -19,7 +19,8 @@ convs kept whole inside units that are measured.
 Targets (`sensitivity.target`): `macs` or `params` scale the per-unit budget ratios down to remove
 `target_reduction` of them (`build_plan`). `latency` also measures what each unit saves in ONNX Runtime
 latency (`measure_unit_latency`, method in LATENCY_METHOD and in plan.json), adds depth units (a block's last
-bottleneck removed whole, see pipeline/surgery.py; one accuracy row each, kind `depth`), and picks units by
+bottleneck removed, or a whole block an identity can replace, see pipeline/surgery.py; one accuracy row each,
+kind `depth`), and picks units by
 latency saved per mAP lost until `target_reduction` of the latency is saved (`build_latency_plan`,
 `plan_latency`); the planned architecture is then timed once against the baseline, so plan.json holds both
 the additive prediction and that measurement. At these sizes MACs do not predict latency: operators cost

@@ -389,6 +389,68 @@ def drop_bottleneck(model: nn.Module, unit: str, imgsz: int = 64) -> int:
     return removed
 
 
+BLOCK_SUFFIX = ":block"
+
+
+class RemovedBlock(nn.Identity):
+    """What a removed block leaves in `model.model`: its input passes through. Keeps the layer attributes
+    Ultralytics routes tensors by (`f`, `i`), so the layers after it and the concats reading it still work."""
+
+
+def block_units(model: nn.Module, imgsz: int = 64) -> list[str]:
+    """Whole blocks that may be removed, e.g. "model.4:block": every top-level C2f/C3k2, C2 or C3 layer that
+    reads only the layer before it and gives a tensor of the shape it reads (channels and size), so that an
+    identity can stand in for it. In YOLOv8n that is the backbone's four C2f; the neck's C2f change widths."""
+    layers = getattr(model, "model", None)
+    if layers is None:
+        return []
+    candidates = [layer for layer in layers
+                  if (isinstance(layer, _depth_blocks()) or _is_plain_c3(layer)) and getattr(layer, "f", None) == -1]
+    shapes = _io_shapes(model, candidates, imgsz)
+    return [f"model.{layer.i}{BLOCK_SUFFIX}" for layer in candidates if shapes.get(layer) and
+            shapes[layer][0] == shapes[layer][1]]
+
+
+def _io_shapes(model: nn.Module, modules: list[nn.Module], imgsz: int) -> dict[nn.Module, tuple]:
+    shapes: dict[nn.Module, tuple] = {}
+    handles = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, (tuple(i[0].shape), tuple(o.shape))))
+               for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def remove_block(model: nn.Module, unit: str, imgsz: int = 64) -> int:
+    """Replace the block of `unit` ("model.<layer>:block", see `block_units`) with an identity in place;
+    return the number of parameters removed. Raises ValueError naming the unit where that is not valid."""
+    layer_name = unit.removesuffix(BLOCK_SUFFIX)
+    parts = layer_name.split(".")
+    if not unit.endswith(BLOCK_SUFFIX) or len(parts) != 2 or parts[0] != "model" or not parts[1].isdigit():
+        raise ValueError(f"block unit {unit!r}: expected 'model.<layer>{BLOCK_SUFFIX}'")
+    index = int(parts[1])
+    block = model.model[index]
+    if isinstance(block, RemovedBlock):
+        raise ValueError(f"block unit {unit!r}: already removed")
+    if unit not in block_units(model, imgsz):
+        raise ValueError(f"block unit {unit!r}: a {type(block).__name__} that an identity cannot replace (it "
+                         "reads other layers or changes the tensor's shape)")
+    removed = sum(p.numel() for p in block.parameters())
+    model.model[index] = _keep_layer_attrs(block, RemovedBlock())
+    model.model[index].np = 0
+    return removed
+
+
+def is_block_unit(unit: str) -> bool:
+    return unit.endswith(BLOCK_SUFFIX)
+
+
 # ------------------------------------------------------------------------------------------ dependency graph
 
 

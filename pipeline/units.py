@@ -11,8 +11,9 @@ which the exported model does not contain, and any layer all of whose channels a
 attention, surgery.classify_groups). A layer partly kept whole is still a unit; `kept_whole` says which of
 its convs stay as they are and why.
 
-Depth units (`cached_depth_units`, pipeline/surgery.py) remove a block's last bottleneck, operators and all;
-the latency plan picks them beside channel units.
+Depth units (`cached_depth_units`, pipeline/surgery.py) remove a block's last bottleneck ("model.4.m.1"), or
+a whole block an identity can replace ("model.4:block"), operators and all; the latency plan picks them
+beside channel units.
 
 Pruning itself is Torch-Pruning's `MetaPruner` (`UnitPruner`): every group of a unit gets the unit's ratio as a
 layer-specific ratio, ranked locally by group L2 magnitude, and iterative pruning (`steps`) aims each step
@@ -138,12 +139,19 @@ def list_groups(trained_pt: str | Path, granularity: str = "layer") -> list[str]
 
 
 def cached_depth_units(trained_pt: str | Path) -> list[str]:
-    """`surgery.depth_units` of a checkpoint (the bottlenecks that may be removed, one per block)."""
+    """The depth units of a checkpoint: `surgery.depth_units` (each block's last bottleneck), then
+    `surgery.block_units` (whole blocks an identity can replace, "model.4:block")."""
     path = Path(trained_pt).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
     stat = path.stat()
-    return surgery.depth_units(_load_cached(str(path), stat.st_mtime_ns, stat.st_size)[0])
+    return list(_depth_cached(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _depth_cached(pt_path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    model = copy.deepcopy(_load_cached(pt_path, mtime_ns, size)[0])  # the block check runs a forward pass
+    return (*surgery.depth_units(model), *surgery.block_units(model, TRACE_IMGSZ))
 
 
 def drop_depth_units(model, depth: list[str], ratios: dict[str, float]) -> tuple[int, dict[str, float]]:
@@ -151,10 +159,16 @@ def drop_depth_units(model, depth: list[str], ratios: dict[str, float]) -> tuple
     the bottleneck index the unpruned model has), and return (parameters removed, the channel `ratios`
     left to apply). With group granularity a group inside a removed bottleneck is gone with it and leaves
     the ratios; a layer unit keeps its ratio for the convs that remain."""
+    blocks = [u for u in depth if surgery.is_block_unit(u)]
+    gone = [u.removesuffix(surgery.BLOCK_SUFFIX) for u in blocks]
     removed = 0
-    for unit in depth:
-        removed += surgery.drop_bottleneck(model, unit, TRACE_IMGSZ)
-    left = {u: r for u, r in ratios.items() if not any(in_unit(u, d) for d in depth)}
+    for unit in depth:  # bottlenecks first: a block removed after them takes whatever is left
+        if not surgery.is_block_unit(unit) and not any(in_unit(unit, layer) for layer in gone):
+            removed += surgery.drop_bottleneck(model, unit, TRACE_IMGSZ)
+    for unit in blocks:
+        removed += surgery.remove_block(model, unit, TRACE_IMGSZ)
+    left = {u: r for u, r in ratios.items()
+            if not any(in_unit(u, d) for d in depth) and not any(in_unit(u, layer) for layer in gone)}
     return removed, left
 
 

@@ -142,7 +142,7 @@ def test_plan_for_another_model_is_refused(tiny, tmp_path):
 def test_depth_units_are_removed_and_the_latency_target_is_checked(tiny):
     trained_pt, data_yaml, root = tiny
     plan = _plan(trained_pt, {"model.8": 0.5})
-    plan.update({"depth": ["model.4.m.1", "model.12.m.0"], "target": "latency", "target_reduction": 0.05,
+    plan.update({"depth": ["model.4.m.1", "model.12.m.0", "model.6:block"], "target": "latency", "target_reduction": 0.05,
                  "expected": {"latency_reduction": 0.07}, "latency": {"graph": "int8"}})
     write_json(root / "plan_depth.json", plan)
     out = root / "pruned_depth"
@@ -152,9 +152,10 @@ def test_depth_units_are_removed_and_the_latency_target_is_checked(tiny):
 
     model, _ = load_detection_model(out / "best.pt")  # fine-tuned after the removal, saved, loads
     assert len(model.model[4].m) == 1 and len(model.model[12].m) == 0
-    assert metrics["depth_units_removed"] == ["model.4.m.1", "model.12.m.0"]
+    assert type(model.model[6]).__name__ == "RemovedBlock"
+    assert metrics["depth_units_removed"] == ["model.4.m.1", "model.12.m.0", "model.6:block"]
     steps = json.loads((out / "steps.json").read_text())
-    assert steps[0]["depth"] == ["model.4.m.1", "model.12.m.0"]
+    assert steps[0]["depth"] == ["model.4.m.1", "model.12.m.0", "model.6:block"]
 
     check = metrics["latency_check"]
     assert check["graph"] == "int8" and check["threads"] == 1 and check["trained_ms"] > 0 and check["pruned_ms"] > 0

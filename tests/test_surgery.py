@@ -250,3 +250,39 @@ def test_model_without_a_bottleneck_exports_to_onnx_and_loads(tmp_path):
     with torch.no_grad():
         expected = model(torch.rand(1, 3, 64, 64))[0]
     assert out.shape == tuple(expected.shape)
+
+
+@pytest.mark.parametrize("model_yaml", ["yolov5n.yaml", "yolov8n.yaml", "yolo11n.yaml"])
+def test_whole_blocks_an_identity_can_replace(model_yaml, tmp_path):
+    model = _prepared(model_yaml)
+    blocks = surgery.block_units(model)
+    if model_yaml == "yolov8n.yaml":  # the backbone's C2f keep their width; the neck's read a concat
+        assert blocks == ["model.2:block", "model.4:block", "model.6:block", "model.8:block"]
+    for unit in blocks:
+        removed = surgery.remove_block(model, unit)
+        assert removed > 0 and isinstance(model.get_submodule(unit.removesuffix(":block")), surgery.RemovedBlock)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+    groups = units.channel_groups(model)  # the dependency graph sees the layers around the identity joined
+    assert units.prune_units(model, {units.unit_of(r): 0.3 for r in groups}, groups=groups) > 0
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+
+
+def test_block_removal_refuses_what_an_identity_cannot_replace(tmp_path):
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    model = _prepared("yolov8n.yaml")
+    with pytest.raises(ValueError, match="'model.12:block'.*changes the tensor's shape"):
+        surgery.remove_block(model, "model.12:block")  # reads a concat of two layers
+    with pytest.raises(ValueError, match="'model.4'.*expected"):
+        surgery.remove_block(model, "model.4")
+    surgery.remove_block(model, "model.4:block")
+    with pytest.raises(ValueError, match="already removed"):
+        surgery.remove_block(model, "model.4:block")
+    # What is left saves, loads with YOLO() and exports to an ONNX that runs.
+    pt = surgery.save_checkpoint(model, tmp_path / "m.pt", {"train_args": {"imgsz": 64, "task": "detect"}})
+    onnx_path = YOLO(str(pt)).export(format="onnx", imgsz=64, simplify=False, verbose=False)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.rand(1, 3, 64, 64).numpy()})[0].shape[1] == 8
