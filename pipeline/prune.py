@@ -80,7 +80,8 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
         raise PruneError(f"{plan_json}: 'depth' must be a list of depth unit names, got {depth!r}")
     unknown = sorted(set(depth) - set(cached_depth_units(trained_pt)))
     if unknown:
-        raise PruneError(f"{plan_json}: depth units {unknown} are not removable bottlenecks of {trained_pt}")
+        raise PruneError(f"{plan_json}: depth units {unknown} are not depth units of {trained_pt} "
+                         f"(removable: {cached_depth_units(trained_pt)})")
     return plan
 
 

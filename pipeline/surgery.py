@@ -293,8 +293,9 @@ def load_detection_model(pt_path: str | Path) -> tuple[nn.Module, dict]:
 
 # ------------------------------------------------------------------------------------------------ depth units
 
-# Depth units remove operators, not channels: the last bottleneck (or C3k / attention pair) of a block's `m`.
-# At the demo's sizes a layer's latency is mostly per-operator overhead, which channel pruning keeps.
+# Depth units remove operators, not channels: the last bottleneck (or C3k / attention pair) of a block's `m`,
+# or a whole block where an identity can replace it. At the demo's sizes much of a layer's latency is
+# per-operator overhead, which channel pruning keeps.
 DEPTH_UNIT_REASON = "n -> n-1: drops the block's last bottleneck and its share of the concat"
 
 
