@@ -103,12 +103,28 @@ class ControlParams(Section):
     gates: StageGates = StageGates()
 
 
+class LatencyPlanParams(Section):
+    # How `sensitivity.target: latency` measures what each unit saves (pipeline/sensitivity.py, LATENCY_METHOD).
+    graph: Literal["int8", "fp32"] = "int8"  # int8: a cheap PTQ of each pruned copy (the deployed form)
+    ratio: float = 0.5  # each channel unit is timed pruned at this one ratio; savings scale linearly with it
+    runs: int = 40  # timed runs per model, interleaved with the unpruned baseline
+    rounds: int = 40  # = runs: one run per model per round, so load from other jobs falls on every model alike
+    # median: the evaluator's statistic. p25: on cores shared with other jobs the timings turn bimodal
+    # (measured: p25 3.2 ms, median 7.0 ms for one model at load 6 on 2 cores) and the median times the others.
+    statistic: Literal["median", "p25"] = "median"
+    calib_images: int = 4  # train images calibrating each unit's PTQ (ranges only change speed slightly)
+    drop_floor: float = 0.005  # mAP50-95 drops below this count as this much when ranking ms saved per mAP lost
+
+
 class SensitivityParams(Section):
     ratios: list[float] = [0.2, 0.4, 0.6, 0.8]
     val_images: int = 32  # fixed val subset, the first N images in sorted order
     max_drop: float = 0.02  # per-layer mAP50-95 budget when building the plan
-    target: Literal["params", "macs"] = "macs"
+    # macs / params: the plan removes target_reduction of them; latency: of the measured ORT latency, picking
+    # channel and depth units by measured ms saved per mAP lost
+    target: Literal["params", "macs", "latency"] = "macs"
     target_reduction: float = 0.5
+    latency: LatencyPlanParams = LatencyPlanParams()
     # layer: one unit per Ultralytics layer (and per Detect branch); group: every Torch-Pruning group
     granularity: Literal["layer", "group"] = "layer"
 

@@ -4,15 +4,21 @@ Step k of N prunes every unit of the plan to k/N of its planned ratio (measured 
 lowest-magnitude channels first, importance recomputed on the fine-tuned weights; Torch-Pruning's MetaPruner
 with iterative steps, see pipeline/units.py), then fine-tunes the pruned
 module itself for `epochs_per_step` epochs with Ultralytics' trainer and measures it with the shared evaluator.
+The plan's depth units (whole bottlenecks, see pipeline/surgery.py) are removed before step 1.
 Pruning stops after the first step whose mAP50-95 drop versus the trained model exceeds `prune.max_drop`.
 The kept checkpoint is the most pruned step within max_drop (if even step 1 exceeds it, step 1 is kept and the
 metrics say so; the gate decides).
+
+The kept model's ONNX Runtime latency is then timed against the trained model's (interleaved, the plan's
+graph: PTQ INT8 or FP32), and metrics.json says whether the plan's target (latency, MACs or params
+reduction) was met on the kept model and by how much (`plan_target`, `latency_check`).
 
 Outputs in out_dir: best.pt (loads with `YOLO(path)` wherever `pipeline` is importable), metrics.json, steps.json.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +27,8 @@ from pipeline import prepare_ultralytics, surgery
 from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
 from pipeline.progress import log_ultralytics_epochs
-from pipeline.units import UnitPruner, list_groups, load_model
+from pipeline.units import (UnitPruner, cached_depth_units, drop_depth_units, latency_model, list_groups,
+                            load_model)
 from pipeline.workspace import Workspace
 
 
@@ -68,6 +75,13 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
     bad = {u: r for u, r in plan["ratios"].items() if not (isinstance(r, (int, float)) and 0 <= r < 1)}
     if bad:
         raise PruneError(f"{plan_json}: ratios must be in [0, 1): {bad}")
+    depth = plan.get("depth", [])
+    if not isinstance(depth, list) or not all(isinstance(u, str) for u in depth):
+        raise PruneError(f"{plan_json}: 'depth' must be a list of depth unit names, got {depth!r}")
+    unknown = sorted(set(depth) - set(cached_depth_units(trained_pt)))
+    if unknown:
+        raise PruneError(f"{plan_json}: depth units {unknown} are not depth units of {trained_pt} "
+                         f"(removable: {cached_depth_units(trained_pt)})")
     return plan
 
 
@@ -112,6 +126,36 @@ def _measure(model, ckpt: dict, data_yaml, params: Params, path: Path, **extra) 
     return evaluate(path, data_yaml, params, latency=False)
 
 
+def measure_latency_reduction(trained_pt: str | Path, pruned_pt: str | Path, data_yaml: str | Path,
+                              params: Params, graph: str = "int8") -> dict:
+    """ONNX Runtime latency of the pruned model against the trained one, timed interleaved with
+    pipeline.latency at evaluate.threads threads, as the sensitivity stage timed its units (FP32, or a PTQ
+    INT8 of each when `graph` is int8): {"trained_ms", "pruned_ms", "reduction", ...}."""
+    from pipeline.int8 import calibration_image_paths
+    from pipeline.latency import describe_cpu, interleaved
+
+    lat, e = params.sensitivity.latency, params.evaluate
+    run_params = params.model_copy(deep=True)
+    run_params.sensitivity.latency.graph = graph
+    calib = calibration_image_paths(data_yaml, lat.calib_images) if graph == "int8" else []
+    trained, ckpt = load_model(trained_pt)  # re-parameterized and split, as the plan's baseline was timed
+    pruned, _ = surgery.load_detection_model(pruned_pt)
+    with tempfile.TemporaryDirectory(prefix="prune-latency-") as tmp:
+        models = {name: latency_model(model, ckpt, Path(tmp) / f"{name}.onnx", run_params, calib)["onnx"]
+                  for name, model in (("trained", trained), ("pruned", pruned))}
+        runs = max(lat.runs, e.runs)
+        timings = interleaved(models, e.threads, warmup=e.warmup, runs=runs, rounds=lat.rounds)
+    key = f"{lat.statistic}_ms"
+    t, p = timings["trained"][key], timings["pruned"][key]
+    return {"graph": graph, "threads": e.threads, "runs": runs, "rounds": lat.rounds, "statistic": lat.statistic,
+            "cpu": describe_cpu(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "trained_ms": round(t, 4), "pruned_ms": round(p, 4), "reduction": round(1 - p / t, 4),
+            "trained_median_ms": round(timings["trained"]["median_ms"], 4),
+            "pruned_median_ms": round(timings["pruned"]["median_ms"], 4),
+            "trained_p25_p75_ms": [round(timings["trained"]["p25_ms"], 4), round(timings["trained"]["p75_ms"], 4)],
+            "pruned_p25_p75_ms": [round(timings["pruned"]["p25_ms"], 4), round(timings["pruned"]["p75_ms"], 4)]}
+
+
 def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Path, params: Params,
               out_dir: str | Path, trained_metrics: dict) -> dict:
     """Prune `trained_pt` by `plan_json` in `params.prune.steps` steps with fine-tuning; write out_dir/best.pt,
@@ -131,9 +175,12 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         raise PruneError(f"prune.steps must be >= 1, got {pp.steps}")
 
     model, ckpt = load_model(trained_pt)
-    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
-    pruner = UnitPruner(model, ratios, steps=pp.steps)
     params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
+    depth = list(plan.get("depth", []))
+    # Depth units go first and whole: their names are the unpruned model's bottleneck indices, and a
+    # bottleneck removed in step 1 gives the fine-tuning every step to recover.
+    _, ratios = drop_depth_units(model, depth, {u: float(r) for u, r in plan["ratios"].items() if r > 0})
+    pruner = UnitPruner(model, ratios, steps=pp.steps) if ratios else None
     if "map50_95" not in trained_metrics:
         raise PruneError("trained_metrics has no 'map50_95': drops are measured against the trained model's mAP")
     trained = trained_metrics
@@ -145,15 +192,16 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     try:
         for step in range(1, pp.steps + 1):
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
-            pruner.step()
+            if pruner is not None:
+                pruner.step()
             if pp.epochs_per_step > 0:
                 finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
                          what=f"prune step {step}/{pp.steps} fine-tune")
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
-            info = {"step": step, "of": pp.steps, "ratios": step_ratios}
+            info = {"step": step, "of": pp.steps, "ratios": step_ratios, "depth": depth}
             metrics = _measure(model, ckpt, data_yaml, params, step_pt, pruning=info)
-            record = {"step": step, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
+            record = {"step": step, "depth": depth, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                       "drop": round(trained["map50_95"] - metrics["map50_95"], 6), "params": n_params,
                       "macs": macs, "params_reduction": round(1 - n_params / params_before, 4),
                       "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt}
@@ -168,6 +216,18 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         shutil.rmtree(work, ignore_errors=True)
 
     final = evaluate(best_pt, data_yaml, params, latency=True)
+    graph = (plan.get("latency") or {}).get("graph", params.sensitivity.latency.graph)
+    latency = measure_latency_reduction(trained_pt, best_pt, data_yaml, params, graph)
+    achieved = {"latency": latency["reduction"], "macs": best_step["macs_reduction"],
+                "params": best_step["params_reduction"]}
+    target = plan.get("target", "macs")
+    predicted = (plan.get("expected") or {}).get(f"{target}_reduction")
+    plan_target = {"target": target, "target_reduction": plan.get("target_reduction"), "predicted": predicted,
+                   "achieved": achieved.get(target),
+                   "met": (None if plan.get("target_reduction") is None or target not in achieved
+                           else bool(achieved[target] >= plan["target_reduction"])),
+                   "margin": (None if plan.get("target_reduction") is None or target not in achieved
+                              else round(achieved[target] - plan["target_reduction"], 4))}
     metrics = {
         "map50_95": final["map50_95"], "map50": final["map50"], "precision": final["precision"],
         "recall": final["recall"], "params": final["params"], "gflops": final["gflops"],
@@ -177,7 +237,10 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         "trained_map50_95": trained["map50_95"], "drop": round(trained["map50_95"] - final["map50_95"], 6),
         "steps_done": len(steps), "steps_planned": pp.steps, "kept_step": best_step["step"],
         "within_max_drop": best_step["drop"] <= pp.max_drop,
-        "plan_target_met": plan.get("target_met"),
+        "plan_target_met": plan.get("target_met"),  # what the plan predicted, before fine-tuning
+        "plan_target": plan_target,  # the target measured on the kept model: met, and by how much
+        "latency_check": latency,
+        "depth_units_removed": depth,
         "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
         "reparam": plan.get("reparam"),  # what re-parameterizing the trained model changed (sensitivity measured it)
     }

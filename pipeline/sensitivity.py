@@ -16,6 +16,16 @@ Torch-Pruning group on its own (`model.6.cv1_a.conv`). Units that cannot be prun
 they get one row in sensitivity.csv with their reason in `skipped` (and are listed in plan.json), as do the
 convs kept whole inside units that are measured.
 
+Targets (`sensitivity.target`): `macs` or `params` scale the per-unit budget ratios down to remove
+`target_reduction` of them (`build_plan`). `latency` also measures what each unit saves in ONNX Runtime
+latency (`measure_unit_latency`, method in LATENCY_METHOD and in plan.json), adds depth units (a block's last
+bottleneck removed, or a whole block an identity can replace, see pipeline/surgery.py; one accuracy row each,
+kind `depth`), and picks units by
+latency saved per mAP lost until `target_reduction` of the latency is saved (`build_latency_plan`,
+`plan_latency`); the planned architecture is then timed once against the baseline, so plan.json holds both
+the additive prediction and that measurement. At these sizes MACs do not predict latency: operators cost
+time whatever their width.
+
 The model measured is the trained checkpoint re-parameterized (pipeline/reparam.py: YOLOv9's RepConv fused
 into one conv); plan.json's `reparam` records what that alone changed.
 """
@@ -24,6 +34,8 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -33,11 +45,11 @@ from pipeline.params import Params
 from pipeline.progress import Progress
 from pipeline import prepare_ultralytics, reparam, surgery
 # in_unit, list_groups, load_model and prune_units are used through this module by its callers and tests
-from pipeline.units import (cached_channel_groups, in_unit, kept_whole, list_groups, load_model, prune_units,  # noqa: F401
-                            skipped_units)
+from pipeline.units import (cached_channel_groups, cached_depth_units, drop_depth_units, in_unit,  # noqa: F401
+                            kept_whole, latency_model, list_groups, load_model, prune_units, skipped_units)
 from pipeline.workspace import Workspace
 
-CSV_FIELDS = ["group", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
+CSV_FIELDS = ["group", "kind", "ratio", "map50_95", "map50", "drop", "params", "macs", "channels_removed", "skipped"]
 
 
 class SensitivityError(RuntimeError):
@@ -74,11 +86,22 @@ def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params
     `run_sensitivity`, which knows the baseline.
     """
     model, ckpt = load_model(trained_pt)
-    removed = prune_units(model, {group: float(ratio)}, groups=cached_channel_groups(trained_pt))
+    kind = _prune_one(model, trained_pt, group, ratio)
+    removed = 0 if kind == "depth" else kind
     params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
     metrics = _evaluate_model(model, ckpt, data_yaml, params)
-    return {"group": group, "ratio": float(ratio), "map50_95": metrics["map50_95"], "map50": metrics["map50"],
-            "params": params_count, "macs": macs, "channels_removed": removed}
+    return {"group": group, "kind": "depth" if kind == "depth" else "channels",
+            "ratio": 1.0 if kind == "depth" else float(ratio), "map50_95": metrics["map50_95"],
+            "map50": metrics["map50"], "params": params_count, "macs": macs, "channels_removed": removed}
+
+
+def _prune_one(model, trained_pt, unit: str, ratio: float):
+    """Prune `unit` of a fresh copy of the trained model: a depth unit (see surgery.depth_units) is removed
+    whole and gives "depth", a channel unit is pruned at `ratio` and gives the channels removed."""
+    if unit in cached_depth_units(trained_pt):
+        drop_depth_units(model, [unit], {})
+        return "depth"
+    return prune_units(model, {unit: float(ratio)}, groups=cached_channel_groups(trained_pt))
 
 
 # ------------------------------------------------------------------------------------------------------ plan
@@ -198,6 +221,269 @@ def build_plan(rows: list[dict], baseline: dict, params: Params,
     }
 
 
+# --------------------------------------------------------------------------------------- latency per unit
+
+LATENCY_METHOD = (
+    "Each channel unit is pruned alone at sensitivity.latency.ratio and each depth unit removed alone, in a "
+    "copy of the trained model; every copy and the unpruned model (twice, built separately) are exported to "
+    "ONNX (FP32, or with latency.graph int8 a PTQ of that ONNX calibrated on latency.calib_images train "
+    "images with pipeline.int8.quantize_onnx) and timed by pipeline.latency.interleaved in one session per "
+    "model at evaluate.threads threads, latency.runs runs each spread over latency.rounds interleaved rounds "
+    "(rounds = runs: one run per model per round, so every model sees the same load). A unit saves the "
+    "baseline's latency.statistic (median, or p25) minus its own; the baseline is the mean of its two copies "
+    "and their difference is the session noise. Where a saving is within two standard errors (each "
+    "statistic's from its quartiles, plus the session noise), noise dominates and the unit gets the pooled "
+    "model instead: ms saved = a x MACs removed + b x ONNX nodes removed (a, b >= 0), least squares over the "
+    "units that stand out of the noise (over every unit if fewer than two do). A channel unit's saving at "
+    "another ratio is scaled linearly from the timed ratio; a plan's saving is the sum of its units' (no "
+    "interactions).")
+
+LATENCY_PLAN_RULE = (
+    "Candidates: every channel unit at its budget ratio (the largest measured ratio within max_drop, every "
+    "smaller one too) and every depth unit whose removal stays within max_drop. They are taken in order of "
+    "estimated ms saved per mAP50-95 lost (drops below latency.drop_floor count as drop_floor), until the "
+    "summed savings reach target_reduction of the baseline's latency; a channel unit that would overshoot "
+    "is taken at the fraction of its ratio that just reaches the target. Units that save nothing are never "
+    "taken. If every candidate together falls short, all are taken and the plan says target_met: false.")
+
+
+def build_unit_latency_model(trained_pt: str | Path, data_yaml: str | Path, params: Params, unit: str | None,
+                             out_onnx: str | Path) -> dict:
+    """The latency model of the trained model with one unit pruned (None: unpruned). Pure: safe to run in
+    any process that sees `out_onnx`'s folder."""
+    from pipeline.int8 import calibration_image_paths
+
+    prepare_ultralytics()
+    model, ckpt = load_model(trained_pt)
+    if unit is not None:
+        _prune_one(model, trained_pt, unit, params.sensitivity.latency.ratio)
+    calib = (calibration_image_paths(data_yaml, params.sensitivity.latency.calib_images)
+             if params.sensitivity.latency.graph == "int8" else [])
+    return {"unit": unit, **latency_model(model, ckpt, out_onnx, params, calib)}
+
+
+# Standard error of a median from the quartiles: sigma ~ IQR / 1.349, se(median) ~ 1.2533 sigma / sqrt(n); a
+# 25th percentile's is 1.087 times that (normal theory). Contention from other jobs makes timings bimodal and
+# the IQR wide, so on shared cores this errs towards "noise" and the pooled model.
+_SE_FACTOR = {"median": 0.929, "p25": 1.087 * 0.929}
+
+
+def _quantile_se(timing: dict, statistic: str) -> float:
+    return _SE_FACTOR[statistic] * (timing["p75_ms"] - timing["p25_ms"]) / math.sqrt(max(1, timing["runs"]))
+
+
+def _nonnegative_fit(x, y):
+    """Least squares y ~ x @ coef with coef >= 0 (two columns): removing MACs or operators cannot, in
+    expectation, make a model slower, and noisy units must not teach the pooled model that it does."""
+    import numpy as np
+
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    if (coef >= 0).all():
+        return coef
+    best, best_err = np.zeros(x.shape[1]), float(np.sum(y ** 2))
+    for j in range(x.shape[1]):  # one column alone, clipped at 0
+        col = x[:, j]
+        c = max(0.0, float(col @ y) / float(col @ col)) if float(col @ col) > 0 else 0.0
+        err = float(np.sum((y - c * col) ** 2))
+        if err < best_err:
+            best, best_err = np.zeros(x.shape[1]), err
+            best[j] = c
+    return best
+
+
+def latency_savings(baseline: dict, timings: dict[str, dict], builds: dict[str, dict],
+                    statistic: str = "median", session_noise_ms: float = 0.0) -> dict[str, dict]:
+    """Per unit: measured ms saved, its noise, the pooled model's estimate, and the saving used (see
+    LATENCY_METHOD). `baseline`: {"timing", "macs", "onnx_nodes"} of the unpruned model; `timings`: per unit
+    `pipeline.latency` summaries; `builds`: per unit {"macs", "onnx_nodes"}; `statistic`: "median" or "p25"
+    of each model's runs; `session_noise_ms`: how far two separately built copies of one model time apart,
+    a noise that more runs do not shrink. Pure."""
+    import numpy as np
+
+    if statistic not in _SE_FACTOR:
+        raise SensitivityError(f"latency statistic must be one of {sorted(_SE_FACTOR)}, got {statistic!r}")
+    key = f"{statistic}_ms"
+    units = list(timings)
+    base_ms = baseline["timing"][key]
+    measured = {u: base_ms - timings[u][key] for u in units}
+    features = {u: (baseline["macs"] - builds[u]["macs"], baseline["onnx_nodes"] - builds[u]["onnx_nodes"])
+                for u in units}
+    se = {u: math.sqrt(_quantile_se(baseline["timing"], statistic) ** 2 + _quantile_se(timings[u], statistic) ** 2
+                       + session_noise_ms ** 2) for u in units}
+    noisy = {u: abs(measured[u]) < 2 * se[u] and len(units) >= 2 for u in units}
+    # The pooled model learns from the units that stand out of the noise (all of them if fewer than two do).
+    fit = [u for u in units if not noisy[u]]
+    fit = fit if len(fit) >= 2 else units
+    coef = np.zeros(2)
+    if len(fit) >= 2:
+        # Scaled columns: MACs run to millions, nodes to tens; unscaled, the least squares is ill-conditioned.
+        x = np.array([features[u] for u in fit], dtype=float)
+        scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+        coef = _nonnegative_fit(x / scale, np.array([measured[u] for u in fit])) / scale
+    out = {}
+    for u in units:
+        pooled = float(coef[0] * features[u][0] + coef[1] * features[u][1])
+        noisy_u, se_u = noisy[u], se[u]
+        out[u] = {"measured_ms": round(measured[u], 4), "se_ms": round(se_u, 4), "pooled_ms": round(pooled, 4),
+                  "saved_ms": round(pooled if noisy_u else measured[u], 4),
+                  "source": "pooled" if noisy_u else "measured",
+                  "unit_ms": round(timings[u][key], 4), "macs_removed": features[u][0],
+                  "onnx_nodes_removed": features[u][1]}
+    return out
+
+
+def plan_latency(candidates: list[dict], baseline_ms: float, target_reduction: float,
+                 drop_floor: float = 0.005) -> dict:
+    """Pick units by estimated latency saved per mAP lost until `target_reduction` of `baseline_ms` is saved
+    (LATENCY_PLAN_RULE). Pure: `candidates` are {"unit", "kind" ("channels" or "depth"), "ratio", "drop",
+    "saved_ms"}, a channel candidate's saving being that at its `ratio` (savings scale linearly below it).
+
+    Returns {"ratios": {channel unit: ratio}, "depth": [depth units], "order": [picked units, best first],
+    "saved_ms", "reduction", "target_met"}."""
+    target_ms = target_reduction * baseline_ms
+    useful = [c for c in candidates if c["saved_ms"] > 0 and c["ratio"] > 0]
+    ranked = sorted(useful, key=lambda c: (-c["saved_ms"] / max(c["drop"], drop_floor), c["unit"]))
+    ratios: dict[str, float] = {}
+    depth: list[str] = []
+    order: list[str] = []
+    saved = 0.0
+    for c in ranked:
+        need = target_ms - saved
+        if need <= 1e-12:
+            break
+        if c["kind"] == "depth":
+            depth.append(c["unit"])
+            saved += c["saved_ms"]
+        else:
+            fraction = min(1.0, need / c["saved_ms"])
+            ratios[c["unit"]] = round(c["ratio"] * fraction, 4)
+            saved += c["saved_ms"] * fraction
+        order.append(c["unit"])
+    return {"ratios": ratios, "depth": depth, "order": order, "saved_ms": round(saved, 4),
+            "reduction": round(saved / baseline_ms, 4) if baseline_ms > 0 else 0.0,
+            "target_met": saved >= target_ms - 1e-9}
+
+
+def build_latency_plan(rows: list[dict], baseline: dict, params: Params, latency: dict,
+                       measure: Callable[..., tuple[int, int]] | None = None) -> dict:
+    """The plan for `sensitivity.target: latency`. `rows`: channel and depth rows (with `kind`); `latency`:
+    {"baseline_ms", "units": latency_savings(...)}; `measure(ratios, depth) -> (params, macs)` counts the
+    planned model (by default the additive estimate from the rows, depth rows included)."""
+    s = params.sensitivity
+    channel_rows = [r for r in rows if r.get("kind", "channels") == "channels"]
+    depth_rows = [r for r in rows if r.get("kind") == "depth"]
+    if not channel_rows and not depth_rows:
+        raise SensitivityError("no sensitivity rows to build a plan from")
+    budget = budget_ratios(channel_rows, s.max_drop) if channel_rows else {}
+    drops = {(r["group"], r["ratio"]): r["drop"] for r in channel_rows}
+    per_unit = latency["units"]
+    candidates = []
+    for unit, ratio in budget.items():
+        if ratio > 0 and unit in per_unit:
+            candidates.append({"unit": unit, "kind": "channels", "ratio": ratio, "drop": drops[(unit, ratio)],
+                               "saved_ms": per_unit[unit]["saved_ms"] * ratio / s.latency.ratio})
+    for row in depth_rows:
+        if row["drop"] <= s.max_drop and row["group"] in per_unit:
+            candidates.append({"unit": row["group"], "kind": "depth", "ratio": 1.0, "drop": row["drop"],
+                               "saved_ms": per_unit[row["group"]]["saved_ms"]})
+    picked = plan_latency(candidates, latency["baseline_ms"], s.target_reduction, s.latency.drop_floor)
+    ratios = {u: picked["ratios"].get(u, 0.0) for u in budget}
+    if measure is None:
+        estimate = _additive_estimate(rows, baseline)
+        measure = lambda r, d: estimate({**r, **{u: 1.0 for u in d}})  # noqa: E731 (depth rows sit at ratio 1)
+    n_params, macs = measure({u: r for u, r in ratios.items() if r > 0}, picked["depth"])
+    reduction = picked["reduction"]
+    if picked["target_met"]:
+        note = "target reached (predicted)"
+    elif not picked["order"]:
+        note = (f"no unit within budget (max_drop={s.max_drop}) is predicted to save latency; the plan prunes "
+                "nothing")
+    else:
+        note = (f"the units within budget (max_drop={s.max_drop}) that save latency are predicted to save only "
+                f"{reduction:.1%} of it, below the target {s.target_reduction:.0%}; the plan takes them all")
+    return {
+        "rule": LATENCY_PLAN_RULE,
+        "max_drop": s.max_drop,
+        "target": "latency",
+        "target_reduction": s.target_reduction,
+        "budget_ratios": budget,
+        "ratios": ratios,
+        "depth": picked["depth"],
+        "order": picked["order"],
+        "expected": {"params_reduction": round(1 - n_params / baseline["params"], 4),
+                     "macs_reduction": round(1 - macs / baseline["macs"], 4), "params": n_params, "macs": macs,
+                     "latency_reduction": reduction, "latency_saved_ms": picked["saved_ms"],
+                     "latency_ms": round(latency["baseline_ms"] - picked["saved_ms"], 4)},
+        "target_met": bool(picked["target_met"]),
+        "note": note,
+        "baseline": baseline,
+    }
+
+
+def measure_unit_latency(trained_pt: Path, data_yaml: Path, params: Params, units: list[str], work: Path,
+                         map_fn: Callable = map) -> dict:
+    """{"baseline_ms", "baseline", "units": latency_savings(...), "method", ...}: what each unit saves in ONNX
+    Runtime latency, by LATENCY_METHOD. The models are built through `map_fn` (independent, like the
+    accuracy evaluations); the timing runs here, in one process, all models interleaved."""
+    from pipeline.latency import describe_cpu, interleaved
+
+    lat, e = params.sensitivity.latency, params.evaluate
+    if not 0.0 < lat.ratio < 1.0:
+        raise SensitivityError(f"sensitivity.latency.ratio must be in (0, 1), got {lat.ratio}")
+    work.mkdir(parents=True, exist_ok=True)
+    # The unpruned model twice, built and timed separately: measured here, two builds of one model ran 0.12 ms
+    # (2%) apart while one file timed twice agreed to 0.005 ms, a per-session noise no run count removes.
+    names: list[str | None] = [None, None, *units]
+    paths = [str(work / f"{i:03d}.onnx") for i in range(len(names))]
+    n = len(names)
+    progress = Progress("latency models", n)
+    builds = []
+    for build in map_fn(build_unit_latency_model, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
+                        names, paths):
+        builds.append(build)
+        progress.step(f"{build['unit'] or 'baseline'}: {Path(build['onnx']).name}")
+    base, repeat, by_unit = builds[0], builds[1], {b["unit"]: b for b in builds[2:]}
+    timings = interleaved({"baseline": base["onnx"], "baseline_repeat": repeat["onnx"],
+                           **{u: by_unit[u]["onnx"] for u in units}}, e.threads, warmup=e.warmup, runs=lat.runs,
+                          rounds=lat.rounds)
+    first, second = timings.pop("baseline"), timings.pop("baseline_repeat")
+    # The reference is the two copies' mean; their difference is the session noise.
+    base_timing = {k: (first[k] + second[k]) / 2 for k in ("median_ms", "p25_ms", "p75_ms")}
+    base_timing["runs"] = first["runs"] + second["runs"]
+    key = f"{lat.statistic}_ms"
+    session_noise = abs(first[key] - second[key])
+    savings = latency_savings({"timing": base_timing, "macs": base["macs"], "onnx_nodes": base["onnx_nodes"]},
+                              timings, by_unit, lat.statistic, session_noise)
+    return {"method": LATENCY_METHOD, "graph": lat.graph, "threads": e.threads, "ratio": lat.ratio,
+            "runs": lat.runs, "rounds": lat.rounds, "statistic": lat.statistic, "cpu": describe_cpu(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "baseline_ms": round(base_timing[key], 4), "session_noise_ms": round(session_noise, 4),
+            "baseline": {k: round(v, 4) if isinstance(v, float) else v for k, v in base_timing.items()},
+            "units": savings, "baseline_onnx": base["onnx"]}
+
+
+def time_plan(trained_pt: Path, data_yaml: Path, params: Params, plan: dict, baseline_onnx: str,
+              work: Path) -> dict:
+    """The planned model (not fine-tuned: latency does not depend on the weights' values) timed against the
+    unpruned one, interleaved: how far the additive prediction is from the architecture it plans."""
+    from pipeline.int8 import calibration_image_paths
+    from pipeline.latency import interleaved
+
+    lat, e = params.sensitivity.latency, params.evaluate
+    model, ckpt = load_model(trained_pt)
+    ratios = {u: r for u, r in plan["ratios"].items() if r > 0}
+    _, ratios = drop_depth_units(model, plan.get("depth", []), ratios)
+    if ratios:
+        prune_units(model, ratios)
+    calib = calibration_image_paths(data_yaml, lat.calib_images) if lat.graph == "int8" else []
+    planned = latency_model(model, ckpt, work / "plan.onnx", params, calib)["onnx"]
+    t = interleaved({"baseline": baseline_onnx, "plan": planned}, e.threads, warmup=e.warmup, runs=lat.runs,
+                    rounds=lat.rounds)
+    key = f"{lat.statistic}_ms"
+    return {"statistic": lat.statistic, "baseline_ms": round(t["baseline"][key], 4),
+            "plan_ms": round(t["plan"][key], 4), "reduction": round(1 - t["plan"][key] / t["baseline"][key], 4)}
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
@@ -252,10 +538,17 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
     plt.close(fig)
 
 
-def _plan_measure(trained_pt, imgsz: int) -> Callable[[dict[str, float]], tuple[int, int]]:
-    def measure(ratios: dict[str, float]) -> tuple[int, int]:
+def _plan_measure(trained_pt, imgsz: int) -> Callable[..., tuple[int, int]]:
+    def measure(ratios: dict[str, float], depth: Iterable[str] = ()) -> tuple[int, int]:
         model, _ = load_model(trained_pt)
-        prune_units(model, ratios, groups=cached_channel_groups(trained_pt))
+        depth = list(depth)
+        if depth:
+            _, ratios = drop_depth_units(model, depth, ratios)
+            groups = None  # the groups of the shorter model
+        else:
+            groups = cached_channel_groups(trained_pt)
+        if ratios:
+            prune_units(model, ratios, groups=groups)
         return surgery.count_params_macs(model, imgsz)
 
     return measure
@@ -316,8 +609,15 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
     if not ratios or not all(0.0 < r < 1.0 for r in ratios):
         raise SensitivityError(f"sensitivity.ratios must be in (0, 1), got {params.sensitivity.ratios}")
 
+    by_latency = params.sensitivity.target == "latency"
+    if by_latency and not 0.0 < params.sensitivity.latency.ratio < 1.0:  # before the evaluations, not after
+        raise SensitivityError(f"sensitivity.latency.ratio must be in (0, 1), got {params.sensitivity.latency.ratio}")
+    # Depth units are measured for the latency plan only: a MACs or params plan keeps today's channel units.
+    depth = [u for u in cached_depth_units(trained_pt) if groups is None or u in groups] if by_latency else []
+    units = [u for u in units if u not in depth]
+
     baseline = evaluate_baseline(trained_pt, data_yaml, params)
-    jobs = [(unit, ratio) for unit in units for ratio in ratios]
+    jobs = [(unit, ratio) for unit in units for ratio in ratios] + [(unit, 1.0) for unit in depth]
     n = len(jobs)
     results = map_fn(evaluate_group, [str(trained_pt)] * n, [str(data_yaml)] * n, [params] * n,
                      [u for u, _ in jobs], [r for _, r in jobs])
@@ -329,10 +629,24 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
         rows.append(row)
         progress.step(f"{row['group']} at {row['ratio']:.2f}: drop {row['drop']:+.4f}")
 
-    plan = build_plan(rows, baseline, params, measure=_plan_measure(trained_pt, params.train.imgsz))
+    channel_rows = [r for r in rows if r["kind"] == "channels"]
+    measure = _plan_measure(trained_pt, params.train.imgsz)
+    if by_latency:
+        work = out_dir / ".latency-work"  # absolute, inside the workspace: workers elsewhere write here too
+        try:
+            latency = measure_unit_latency(trained_pt, data_yaml, params, units + depth, work, map_fn)
+            plan = build_latency_plan(rows, baseline, params, latency, measure=measure)
+            plan["expected"]["latency_measured"] = time_plan(trained_pt, data_yaml, params, plan,
+                                                             latency.pop("baseline_onnx"), work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        plan["latency"] = latency
+    else:
+        plan = build_plan(channel_rows, baseline, params, measure=measure)
+        plan["depth"] = []
     plan["model"] = {"checkpoint": str(trained_pt), "sha256": sha256_file(trained_pt), "units": all_units,
-                     "granularity": granularity, "params": baseline["params"], "macs": baseline["macs"],
-                     "imgsz": params.train.imgsz}
+                     "depth_units": cached_depth_units(trained_pt), "granularity": granularity,
+                     "params": baseline["params"], "macs": baseline["macs"], "imgsz": params.train.imgsz}
     plan["val_images"] = params.sensitivity.val_images
     skipped, kept = skipped_units(trained_pt, granularity), kept_whole(trained_pt)
     plan["skipped_units"], plan["kept_whole"] = skipped, kept
@@ -342,9 +656,9 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
     # Units not measured, and convs kept whole inside measured units, get one row each with the reason.
     notes = [{"group": name, "skipped": reason} for name, reason in {**skipped, **kept}.items()]
     write_rows_csv(rows + notes, out_dir / "sensitivity.csv")
-    write_curves_csv(rows, out_dir / "curves.csv")
+    write_curves_csv(channel_rows, out_dir / "curves.csv")
     write_json(out_dir / "sensitivity.json", rows)  # a plain list of records: what `dvc plots` reads
-    plot_sensitivity(rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
+    plot_sensitivity(channel_rows, baseline, params.sensitivity.max_drop, out_dir / "plot.png")
     write_json(out_dir / "plan.json", plan)
     return {"baseline": baseline, "rows": rows, "plan": plan,
             "outputs": {name: str(out_dir / name) for name in

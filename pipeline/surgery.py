@@ -291,6 +291,167 @@ def load_detection_model(pt_path: str | Path) -> tuple[nn.Module, dict]:
     return model, ckpt
 
 
+# ------------------------------------------------------------------------------------------------ depth units
+
+# Depth units remove operators, not channels: the last bottleneck (or C3k / attention pair) of a block's `m`,
+# or a whole block where an identity can replace it. At the demo's sizes much of a layer's latency is
+# per-operator overhead, which channel pruning keeps.
+DEPTH_UNIT_REASON = "n -> n-1: drops the block's last bottleneck and its share of the concat"
+
+
+def _depth_blocks() -> tuple[type, ...]:
+    return (C2fSplit, C2Split)
+
+
+def _is_plain_c3(block: nn.Module) -> bool:
+    # Exactly C3 (v5u): its subclasses (C3k, C3x, C3Ghost, C3TR, RepC3) have other insides.
+    from ultralytics.nn.modules.block import C3
+
+    return type(block) is C3
+
+
+def depth_units(model: nn.Module) -> list[str]:
+    """Names of the bottlenecks that may be removed, one per block, in model order: the last element of the
+    `m` of every top-level C2f/C3k2 (rewritten as C2fSplit), C2 and C3 layer that still has one, e.g.
+    "model.4.m.1". Removing it takes the block from n to n-1 bottlenecks (0 is a valid block: its concat
+    then holds only the two halves of cv1, or C3's m is an identity). YOLOv9's ELAN blocks keep their
+    depth (their bottlenecks sit inside RepCSP, inside a Sequential with a conv)."""
+    layers = getattr(model, "model", None)
+    if layers is None:
+        return []
+    found = []
+    for i, layer in enumerate(layers):
+        if (isinstance(layer, _depth_blocks()) or _is_plain_c3(layer)) and len(layer.m) > 0:
+            found.append(f"model.{i}.m.{len(layer.m) - 1}")
+    return found
+
+
+def _split_depth_unit(model: nn.Module, unit: str) -> tuple[nn.Module, int]:
+    parts = unit.split(".")
+    if len(parts) != 4 or parts[0] != "model" or parts[2] != "m" or not (parts[1].isdigit() and parts[3].isdigit()):
+        raise ValueError(f"depth unit {unit!r}: expected 'model.<layer>.m.<index>'")
+    block = model.get_submodule(".".join(parts[:2]))
+    if not (isinstance(block, _depth_blocks()) or _is_plain_c3(block)):
+        raise ValueError(f"depth unit {unit!r}: layer {parts[1]} is a {type(block).__name__}, which has no "
+                         "removable bottlenecks")
+    index = int(parts[3])
+    if index != len(block.m) - 1:
+        raise ValueError(f"depth unit {unit!r}: only the last bottleneck of a block can be removed (this block "
+                         f"has {len(block.m)}; already removed?)")
+    return block, index
+
+
+def _output_channels(model: nn.Module, module: nn.Module, imgsz: int) -> tuple[int, int]:
+    """(input, output) channels of `module` in one forward pass of `model`: a bottleneck's width is whatever
+    pruning left it, and C3k / attention pairs have no single attribute for it."""
+    seen: dict[str, int] = {}
+
+    def hook(_, inputs, output):
+        seen["in"], seen["out"] = inputs[0].shape[1], output.shape[1]
+
+    handle = module.register_forward_hook(hook)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError(f"{type(module).__name__} did not run in the model's forward pass")
+    return seen["in"], seen["out"]
+
+
+def drop_bottleneck(model: nn.Module, unit: str, imgsz: int = 64) -> int:
+    """Remove the depth unit `unit` (see `depth_units`) from `model` in place; return the number of
+    parameters removed. C2f/C3k2: the bottleneck's output was the last part of the concat, so the input
+    channels of the block's cv2 that read it are cut too. C2/C3: the bottlenecks map a width onto itself in a
+    chain, so the chain just gets shorter. Raises ValueError naming the unit for anything else."""
+    block, index = _split_depth_unit(model, unit)
+    dropped = block.m[index]
+    width_in, width_out = _output_channels(model, dropped, imgsz)
+    removed = sum(p.numel() for p in dropped.parameters())
+    if isinstance(block, C2fSplit):
+        conv = block.cv2.conv
+        keep = conv.in_channels - width_out
+        if conv.groups != 1 or keep <= 0:
+            raise ValueError(f"depth unit {unit!r}: cannot cut {width_out} inputs of a conv with "
+                             f"{conv.in_channels} inputs and groups={conv.groups}")
+        removed += conv.weight[:, keep:].numel()
+        conv.weight = nn.Parameter(conv.weight.data[:, :keep].clone())
+        conv.in_channels = keep
+        block.m = nn.ModuleList(list(block.m)[:index])
+    else:
+        if width_in != width_out:
+            raise ValueError(f"depth unit {unit!r}: the bottleneck maps {width_in} to {width_out} channels; "
+                             "removing it from a chain needs equal widths")
+        block.m = nn.Sequential(*list(block.m)[:index])
+    return removed
+
+
+BLOCK_SUFFIX = ":block"
+
+
+class RemovedBlock(nn.Identity):
+    """What a removed block leaves in `model.model`: its input passes through. Keeps the layer attributes
+    Ultralytics routes tensors by (`f`, `i`), so the layers after it and the concats reading it still work."""
+
+
+def block_units(model: nn.Module, imgsz: int = 64) -> list[str]:
+    """Whole blocks that may be removed, e.g. "model.4:block": every top-level C2f/C3k2, C2 or C3 layer that
+    reads only the layer before it and gives a tensor of the shape it reads (channels and size), so that an
+    identity can stand in for it. In YOLOv8n that is the backbone's four C2f; the neck's C2f change widths."""
+    layers = getattr(model, "model", None)
+    if layers is None:
+        return []
+    candidates = [layer for layer in layers
+                  if (isinstance(layer, _depth_blocks()) or _is_plain_c3(layer)) and getattr(layer, "f", None) == -1]
+    shapes = _io_shapes(model, candidates, imgsz)
+    return [f"model.{layer.i}{BLOCK_SUFFIX}" for layer in candidates if shapes.get(layer) and
+            shapes[layer][0] == shapes[layer][1]]
+
+
+def _io_shapes(model: nn.Module, modules: list[nn.Module], imgsz: int) -> dict[nn.Module, tuple]:
+    shapes: dict[nn.Module, tuple] = {}
+    handles = [m.register_forward_hook(lambda m, i, o: shapes.__setitem__(m, (tuple(i[0].shape), tuple(o.shape))))
+               for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def remove_block(model: nn.Module, unit: str, imgsz: int = 64) -> int:
+    """Replace the block of `unit` ("model.<layer>:block", see `block_units`) with an identity in place;
+    return the number of parameters removed. Raises ValueError naming the unit where that is not valid."""
+    layer_name = unit.removesuffix(BLOCK_SUFFIX)
+    parts = layer_name.split(".")
+    if not unit.endswith(BLOCK_SUFFIX) or len(parts) != 2 or parts[0] != "model" or not parts[1].isdigit():
+        raise ValueError(f"block unit {unit!r}: expected 'model.<layer>{BLOCK_SUFFIX}'")
+    index = int(parts[1])
+    block = model.model[index]
+    if isinstance(block, RemovedBlock):
+        raise ValueError(f"block unit {unit!r}: already removed")
+    if unit not in block_units(model, imgsz):
+        raise ValueError(f"block unit {unit!r}: a {type(block).__name__} that an identity cannot replace (it "
+                         "reads other layers or changes the tensor's shape)")
+    removed = sum(p.numel() for p in block.parameters())
+    model.model[index] = _keep_layer_attrs(block, RemovedBlock())
+    model.model[index].np = 0
+    return removed
+
+
+def is_block_unit(unit: str) -> bool:
+    return unit.endswith(BLOCK_SUFFIX)
+
+
 # ------------------------------------------------------------------------------------------ dependency graph
 
 

@@ -11,6 +11,10 @@ which the exported model does not contain, and any layer all of whose channels a
 attention, surgery.classify_groups). A layer partly kept whole is still a unit; `kept_whole` says which of
 its convs stay as they are and why.
 
+Depth units (`cached_depth_units`, pipeline/surgery.py) remove a block's last bottleneck ("model.4.m.1"), or
+a whole block an identity can replace ("model.4:block"), operators and all; the latency plan picks them
+beside channel units.
+
 Pruning itself is Torch-Pruning's `MetaPruner` (`UnitPruner`): every group of a unit gets the unit's ratio as a
 layer-specific ratio, ranked locally by group L2 magnitude, and iterative pruning (`steps`) aims each step
 at a fraction of the width the pruner started from.
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import tempfile
 from pathlib import Path
 
 from pipeline import surgery
+from pipeline.params import Params
 
 # Channel structure does not depend on image size; a small trace is enough and fast.
 TRACE_IMGSZ = 64
@@ -132,6 +138,40 @@ def list_groups(trained_pt: str | Path, granularity: str = "layer") -> list[str]
     return units
 
 
+def cached_depth_units(trained_pt: str | Path) -> list[str]:
+    """The depth units of a checkpoint: `surgery.depth_units` (each block's last bottleneck), then
+    `surgery.block_units` (whole blocks an identity can replace, "model.4:block")."""
+    path = Path(trained_pt).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{trained_pt}: trained checkpoint not found")
+    stat = path.stat()
+    return list(_depth_cached(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _depth_cached(pt_path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    model = copy.deepcopy(_load_cached(pt_path, mtime_ns, size)[0])  # the block check runs a forward pass
+    return (*surgery.depth_units(model), *surgery.block_units(model, TRACE_IMGSZ))
+
+
+def drop_depth_units(model, depth: list[str], ratios: dict[str, float]) -> tuple[int, dict[str, float]]:
+    """Remove the depth units `depth` from `model` in place (before any channel pruning: each is named by
+    the bottleneck index the unpruned model has), and return (parameters removed, the channel `ratios`
+    left to apply). With group granularity a group inside a removed bottleneck is gone with it and leaves
+    the ratios; a layer unit keeps its ratio for the convs that remain."""
+    blocks = [u for u in depth if surgery.is_block_unit(u)]
+    gone = [u.removesuffix(surgery.BLOCK_SUFFIX) for u in blocks]
+    removed = 0
+    for unit in depth:  # bottlenecks first: a block removed after them takes whatever is left
+        if not surgery.is_block_unit(unit) and not any(in_unit(unit, layer) for layer in gone):
+            removed += surgery.drop_bottleneck(model, unit, TRACE_IMGSZ)
+    for unit in blocks:
+        removed += surgery.remove_block(model, unit, TRACE_IMGSZ)
+    left = {u: r for u, r in ratios.items()
+            if not any(in_unit(u, d) for d in depth) and not any(in_unit(u, layer) for layer in gone)}
+    return removed, left
+
+
 def kept_whole(trained_pt: str | Path) -> dict[str, str]:
     """{conv name: reason} for the convs whose output channels are never pruned (besides Detect's outputs)."""
     return dict(_cached_structure(trained_pt)[2])
@@ -214,3 +254,31 @@ def prune_units(model, ratios: dict[str, float], groups: dict[str, list[str]] | 
     """Prune `model` in place in one step: each group inside a unit of `ratios` keeps (1 - ratio) of its
     channels. Returns the number of channels removed. See `UnitPruner`."""
     return UnitPruner(model, ratios, groups=groups).step()
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def latency_model(model, ckpt: dict, out_onnx: str | Path, params: Params, calib_images: list[Path]) -> dict:
+    """Export `model` to ONNX the way the latency plan and prune's check time it (sensitivity.LATENCY_METHOD):
+    FP32 from Ultralytics' exporter, then a PTQ INT8 copy (pipeline.int8.quantize_onnx, calibrated on
+    `calib_images`) when params.sensitivity.latency.graph is int8. Returns {"onnx", "params", "macs",
+    "onnx_nodes"} (nodes of the FP32 graph: what a depth unit removes, which MACs do not show)."""
+    import onnx
+
+    from pipeline.evaluate import export_fp32_onnx
+    from pipeline.int8 import quantize_onnx
+
+    out_onnx = Path(out_onnx)
+    n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
+    with tempfile.TemporaryDirectory(prefix="latency-model-") as tmp:
+        pt = surgery.save_checkpoint(model, Path(tmp) / "model.pt", ckpt)
+        fp32 = export_fp32_onnx(pt, Path(tmp) / "model.onnx", params.train.imgsz, params.export.opset,
+                                simplify=False)
+        nodes = len(onnx.load(str(fp32)).graph.node)
+        if params.sensitivity.latency.graph == "int8":
+            quantize_onnx(fp32, out_onnx, calib_images)
+        else:
+            out_onnx.parent.mkdir(parents=True, exist_ok=True)
+            fp32.replace(out_onnx)
+    return {"onnx": str(out_onnx), "params": n_params, "macs": macs, "onnx_nodes": nodes}

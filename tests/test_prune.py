@@ -137,3 +137,66 @@ def test_plan_for_another_model_is_refused(tiny, tmp_path):
         prune.run_prune(trained_pt, tmp_path / "plan2.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         prune.run_prune(tmp_path / "missing.pt", tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
+
+
+def test_depth_units_are_removed_and_the_latency_target_is_checked(tiny):
+    trained_pt, data_yaml, root = tiny
+    plan = _plan(trained_pt, {"model.8": 0.5})
+    plan.update({"depth": ["model.4.m.1", "model.12.m.0", "model.6:block"], "target": "latency", "target_reduction": 0.05,
+                 "expected": {"latency_reduction": 0.07}, "latency": {"graph": "int8"}})
+    write_json(root / "plan_depth.json", plan)
+    out = root / "pruned_depth"
+    metrics = prune.run_prune(trained_pt, root / "plan_depth.json", data_yaml, _params(), out, TRAINED_METRICS)
+
+    from pipeline.surgery import load_detection_model
+
+    model, _ = load_detection_model(out / "best.pt")  # fine-tuned after the removal, saved, loads
+    assert len(model.model[4].m) == 1 and len(model.model[12].m) == 0
+    assert type(model.model[6]).__name__ == "RemovedBlock"
+    assert metrics["depth_units_removed"] == ["model.4.m.1", "model.12.m.0", "model.6:block"]
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps[0]["depth"] == ["model.4.m.1", "model.12.m.0", "model.6:block"]
+
+    check = metrics["latency_check"]
+    assert check["graph"] == "int8" and check["threads"] == 1 and check["trained_ms"] > 0 and check["pruned_ms"] > 0
+    assert check["reduction"] == pytest.approx(1 - check["pruned_ms"] / check["trained_ms"], abs=1e-3)
+    target = metrics["plan_target"]
+    assert target["target"] == "latency" and target["predicted"] == 0.07 and target["achieved"] == check["reduction"]
+    assert target["met"] == (check["reduction"] >= 0.05)
+    assert target["margin"] == pytest.approx(check["reduction"] - 0.05, abs=1e-4)
+    assert json.loads((out / "metrics.json").read_text())["plan_target"] == target
+
+
+def test_plan_with_unknown_depth_units_is_refused(tiny, tmp_path):
+    trained_pt, data_yaml, _ = tiny
+    plan = _plan(trained_pt, {"model.8": 0.5})
+    plan["depth"] = ["model.4.m.0"]  # not the last bottleneck of layer 4
+    write_json(tmp_path / "plan.json", plan)
+    with pytest.raises(prune.PruneError, match=r"plan.json: depth units \['model.4.m.0'\]"):
+        prune.run_prune(trained_pt, tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
+
+
+def test_latency_target_from_sensitivity_to_prune(tiny, tmp_path):
+    """The latency plan end to end on tiny data: sensitivity (real evaluator, a few units) writes a plan that
+    records its target, prune applies it and records the latency reduction it measured against the target."""
+    trained_pt, data_yaml, _ = tiny
+    params = _params()
+    params.sensitivity = params.sensitivity.model_copy(update={
+        "ratios": [0.5], "val_images": 4, "max_drop": 1.0, "target": "latency", "target_reduction": 0.3})
+    params.sensitivity.latency = params.sensitivity.latency.model_copy(update={"runs": 6, "rounds": 3,
+                                                                              "calib_images": 2})
+    params.evaluate = params.evaluate.model_copy(update={"warmup": 1, "runs": 6})
+    sensitivity.run_sensitivity(trained_pt, data_yaml, params, tmp_path / "sens",
+                                groups=["model.6", "model.8", "model.6.m.1", "model.8.m.0"])
+    plan = json.loads((tmp_path / "sens" / "plan.json").read_text())
+    assert plan["target"] == "latency" and plan["target_reduction"] == 0.3
+    assert "latency_reduction" in plan["expected"] and plan["latency"]["method"]
+
+    metrics = prune.run_prune(trained_pt, tmp_path / "sens" / "plan.json", data_yaml, params, tmp_path / "out",
+                              TRAINED_METRICS)
+    target = metrics["plan_target"]
+    assert target["target"] == "latency" and target["target_reduction"] == 0.3
+    assert target["predicted"] == plan["expected"]["latency_reduction"]
+    assert target["achieved"] == metrics["latency_check"]["reduction"]
+    assert target["met"] == (target["achieved"] >= 0.3)
+    assert metrics["depth_units_removed"] == plan["depth"]

@@ -143,3 +143,89 @@ def test_plan_scales_back_when_the_budget_overshoots_the_target():
     assert plan["target_met"]
     assert 0.04 <= plan["expected"]["macs_reduction"] <= 0.041
     assert all(r <= 0.8 for r in plan["ratios"].values()) and plan["scale"] < 1
+
+
+# ------------------------------------------------------------------------------------------- latency target
+
+
+def test_latency_planner_prefers_more_ms_saved_per_map_lost():
+    candidates = [
+        {"unit": "model.2", "kind": "channels", "ratio": 0.6, "drop": 0.010, "saved_ms": 0.4},   # 40 ms/point
+        {"unit": "model.4.m.1", "kind": "depth", "ratio": 1.0, "drop": 0.010, "saved_ms": 1.0},  # 100 ms/point
+        {"unit": "model.8", "kind": "channels", "ratio": 0.8, "drop": 0.001, "saved_ms": 0.3},   # floored: 60
+        {"unit": "model.9", "kind": "channels", "ratio": 0.4, "drop": 0.0, "saved_ms": -0.1},    # saves nothing
+    ]
+    plan = sensitivity.plan_latency(candidates, baseline_ms=10.0, target_reduction=0.12, drop_floor=0.005)
+    # 1.2 ms to save: the depth unit first (1.0), then model.8, taken at the fraction that just reaches it.
+    assert plan["order"] == ["model.4.m.1", "model.8"] and plan["depth"] == ["model.4.m.1"]
+    assert plan["ratios"] == {"model.8": pytest.approx(0.8 * 0.2 / 0.3, abs=1e-4)}
+    assert plan["target_met"] and plan["reduction"] == pytest.approx(0.12)
+
+    short = sensitivity.plan_latency(candidates, baseline_ms=10.0, target_reduction=0.5)
+    assert not short["target_met"] and set(short["order"]) == {"model.4.m.1", "model.8", "model.2"}
+    assert short["ratios"] == {"model.8": 0.8, "model.2": 0.6}  # full budget ratios; model.9 never taken
+    assert short["saved_ms"] == pytest.approx(1.7)
+
+
+def test_noisy_latency_measurements_fall_back_to_the_pooled_model():
+    base = {"timing": {"median_ms": 10.0, "p25_ms": 9.9, "p75_ms": 10.1, "runs": 40}, "macs": 1000, "onnx_nodes": 100}
+    timing = lambda ms, spread=0.1: {"median_ms": ms, "p25_ms": ms - spread, "p75_ms": ms + spread, "runs": 40}  # noqa: E731
+    timings = {"a": timing(9.0), "b": timing(8.0), "c": timing(9.99), "d": timing(9.0)}
+    builds = {"a": {"macs": 900, "onnx_nodes": 100}, "b": {"macs": 800, "onnx_nodes": 100},
+              "c": {"macs": 950, "onnx_nodes": 100}, "d": {"macs": 1000, "onnx_nodes": 95}}
+    out = sensitivity.latency_savings(base, timings, builds)
+    assert out["a"]["source"] == out["b"]["source"] == out["d"]["source"] == "measured"
+    assert out["a"]["saved_ms"] == pytest.approx(1.0) and out["d"]["onnx_nodes_removed"] == 5
+    # c's 0.01 ms is inside the noise: it gets the pooled estimate, 0.01 ms per MAC here (50 MACs removed).
+    assert out["c"]["source"] == "pooled" and out["c"]["saved_ms"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_latency_target_end_to_end_writes_a_plan_that_records_its_target(tiny, tmp_path, monkeypatch):
+    trained_pt, data_yaml = tiny
+    model, _ = sensitivity.load_model(trained_pt)
+    _fake_evaluate.full = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(sensitivity, "_evaluate_model", _fake_evaluate)
+    params = _params(ratios=[0.5], max_drop=0.5, target="latency", target_reduction=0.1)
+    params.sensitivity.latency = params.sensitivity.latency.model_copy(update={"runs": 6, "rounds": 3,
+                                                                              "calib_images": 2})
+    params.evaluate.warmup = 1
+    assert {"model.2.m.0", "model.4.m.1", "model.15.m.0"} <= set(sensitivity.cached_depth_units(trained_pt))
+    some, depth_units = ["model.2", "model.8", "model.15"], ["model.4.m.1", "model.15.m.0"]
+    result = sensitivity.run_sensitivity(trained_pt, data_yaml, params, tmp_path, groups=some + depth_units)
+
+    depth_rows = [r for r in result["rows"] if r["kind"] == "depth"]
+    assert sorted(r["group"] for r in depth_rows) == sorted(depth_units) and all(r["ratio"] == 1.0 for r in depth_rows)
+    assert all(r["params"] < result["baseline"]["params"] for r in depth_rows)
+
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["target"] == "latency" and plan["target_reduction"] == 0.1
+    lat = plan["latency"]
+    assert lat["graph"] == "int8" and lat["threads"] == 1 and "interleaved" in lat["method"]
+    assert set(lat["units"]) == set(some) | set(depth_units) and lat["baseline_ms"] > 0
+    for unit, est in lat["units"].items():
+        assert est["source"] in ("measured", "pooled") and est["unit_ms"] > 0
+    assert set(plan["depth"]) <= set(depth_units) and set(plan["ratios"]) <= set(some)
+    assert set(plan["order"]) == set(plan["depth"]) | {u for u, r in plan["ratios"].items() if r}
+    expected = plan["expected"]
+    assert expected["latency_ms"] == pytest.approx(lat["baseline_ms"] - expected["latency_saved_ms"], abs=1e-3)
+    assert plan["target_met"] == (expected["latency_reduction"] >= 0.1 - 1e-9)
+    assert expected["latency_measured"]["plan_ms"] > 0 and expected["params"] <= result["baseline"]["params"]
+    if plan["depth"]:  # which units save time on a 64 px model is noise; a removed bottleneck always shows
+        assert expected["params"] < result["baseline"]["params"]
+    assert lat["session_noise_ms"] >= 0
+    assert not (tmp_path / ".latency-work").exists()
+
+
+def test_pooled_model_never_learns_that_removing_work_slows_a_model():
+    # Every unit inside the noise, the depth ones measured "slower": the pooled model may not go negative.
+    base = {"timing": {"median_ms": 10.0, "p25_ms": 8.0, "p75_ms": 12.0, "runs": 40}, "macs": 1000, "onnx_nodes": 100}
+    timing = lambda ms: {"median_ms": ms, "p25_ms": ms - 2, "p75_ms": ms + 2, "runs": 40}  # noqa: E731
+    timings = {"a": timing(9.9), "b": timing(9.8), "d1": timing(10.2), "d2": timing(10.3)}
+    builds = {"a": {"macs": 900, "onnx_nodes": 100}, "b": {"macs": 800, "onnx_nodes": 100},
+              "d1": {"macs": 990, "onnx_nodes": 93}, "d2": {"macs": 990, "onnx_nodes": 94}}
+    for statistic in ("median", "p25"):
+        out = sensitivity.latency_savings(base, timings, builds, statistic)
+        assert all(u["source"] == "pooled" and u["saved_ms"] >= 0 for u in out.values())
+        assert out["b"]["saved_ms"] > out["a"]["saved_ms"] > 0  # MACs still explain the channel units
+    with pytest.raises(sensitivity.SensitivityError, match="p90"):
+        sensitivity.latency_savings(base, timings, builds, "p90")

@@ -184,3 +184,105 @@ def test_load_detection_model_names_the_bad_file(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         surgery.load_detection_model(junk)
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """Every tensor in a training-mode output (a list for v8, nested dicts for YOLO26's two heads)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    return [t for value in values for t in _tensors(value)]
+
+
+@pytest.mark.parametrize("model_yaml", ["yolov5n.yaml", "yolov8n.yaml", "yolo11n.yaml", "yolo26n.yaml"])
+def test_depth_units_remove_operators_and_the_model_still_runs(model_yaml):
+    model = _prepared(model_yaml)
+    found = surgery.depth_units(model)
+    assert found and all(u.startswith("model.") and ".m." in u for u in found)
+    convs_before = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    params_before = sum(p.numel() for p in model.parameters())
+    removed = sum(surgery.drop_bottleneck(model, unit) for unit in found)
+
+    assert removed == params_before - sum(p.numel() for p in model.parameters())
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) <= convs_before - 2 * len(found)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+    model.train()
+    sum(t.float().sum() for t in _tensors(model(torch.rand(2, 3, 64, 64)))).backward()  # gradients flow
+    assert all(p.grad is not None for p in model.model[-1].parameters() if p.requires_grad)
+    # Channel pruning still works on what is left (the dependency graph traces the shorter blocks).
+    model.eval()
+    groups = units.channel_groups(model)
+    assert units.prune_units(model, {units.unit_of(r): 0.3 for r in groups}, groups=groups) > 0
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+
+
+def test_depth_unit_after_channel_pruning_and_bad_units():
+    model = _prepared("yolov8n.yaml")
+    units.prune_units(model, {"model.12": 0.5})  # the bottleneck's width is whatever pruning left
+    surgery.drop_bottleneck(model, "model.12.m.0")
+    assert len(model.model[12].m) == 0
+    block = model.model[12]  # the concat now holds only the two halves of cv1
+    assert block.cv2.conv.in_channels == block.cv1_a.conv.out_channels + block.cv1_b.conv.out_channels
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 8
+    with pytest.raises(ValueError, match="model.12.m.0.*already removed"):
+        surgery.drop_bottleneck(model, "model.12.m.0")
+    with pytest.raises(ValueError, match="model.9.m.0.*SPPF"):
+        surgery.drop_bottleneck(model, "model.9.m.0")
+    with pytest.raises(ValueError, match="'model.12'.*expected"):
+        surgery.drop_bottleneck(model, "model.12")
+
+
+def test_model_without_a_bottleneck_exports_to_onnx_and_loads(tmp_path):
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    model = _prepared("yolov8n.yaml")
+    for unit in surgery.depth_units(model):
+        surgery.drop_bottleneck(model, unit)
+    pt = surgery.save_checkpoint(model, tmp_path / "m.pt", {"train_args": {"imgsz": 64, "task": "detect"}})
+    onnx_path = YOLO(str(pt)).export(format="onnx", imgsz=64, simplify=False, verbose=False)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: torch.rand(1, 3, 64, 64).numpy()})[0]
+    assert out.shape[1] == 8
+    with torch.no_grad():
+        expected = model(torch.rand(1, 3, 64, 64))[0]
+    assert out.shape == tuple(expected.shape)
+
+
+@pytest.mark.parametrize("model_yaml", ["yolov5n.yaml", "yolov8n.yaml", "yolo11n.yaml"])
+def test_whole_blocks_an_identity_can_replace(model_yaml, tmp_path):
+    model = _prepared(model_yaml)
+    blocks = surgery.block_units(model)
+    if model_yaml == "yolov8n.yaml":  # the backbone's C2f keep their width; the neck's read a concat
+        assert blocks == ["model.2:block", "model.4:block", "model.6:block", "model.8:block"]
+    for unit in blocks:
+        removed = surgery.remove_block(model, unit)
+        assert removed > 0 and isinstance(model.get_submodule(unit.removesuffix(":block")), surgery.RemovedBlock)
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+    groups = units.channel_groups(model)  # the dependency graph sees the layers around the identity joined
+    assert units.prune_units(model, {units.unit_of(r): 0.3 for r in groups}, groups=groups) > 0
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64))[0].shape[1] == 4 + 4
+
+
+def test_block_removal_refuses_what_an_identity_cannot_replace(tmp_path):
+    import onnxruntime as ort
+    from ultralytics import YOLO
+
+    model = _prepared("yolov8n.yaml")
+    with pytest.raises(ValueError, match="'model.12:block'.*changes the tensor's shape"):
+        surgery.remove_block(model, "model.12:block")  # reads a concat of two layers
+    with pytest.raises(ValueError, match="'model.4'.*expected"):
+        surgery.remove_block(model, "model.4")
+    surgery.remove_block(model, "model.4:block")
+    with pytest.raises(ValueError, match="already removed"):
+        surgery.remove_block(model, "model.4:block")
+    # What is left saves, loads with YOLO() and exports to an ONNX that runs.
+    pt = surgery.save_checkpoint(model, tmp_path / "m.pt", {"train_args": {"imgsz": 64, "task": "detect"}})
+    onnx_path = YOLO(str(pt)).export(format="onnx", imgsz=64, simplify=False, verbose=False)
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.rand(1, 3, 64, 64).numpy()})[0].shape[1] == 8
