@@ -112,6 +112,24 @@ class PruneParams(Section):
     gates: StageGates = StageGates(max_map_drop=0.05, min_params_reduction=0.2)
 
 
+class DistillWeights(Section):
+    detection: float = 1.0  # the normal detection loss (box, cls, dfl with Ultralytics' gains)
+    cls: float = 1.0  # class scores: binary KL per class at `temperature`
+    box: float = 1.0  # DFL box distributions: KL at `temperature` (L1 for heads without DFL)
+    feature: float = 1.0  # neck feature maps (only with `feature: true`)
+
+
+class DistillParams(Section):
+    # Knowledge distillation during prune's fine-tuning and QAT (pipeline/distill.py).
+    enabled: bool = False
+    # trained: this run's outputs/train/best.pt; a checkpoint path (relative to the workspace root, e.g. a
+    # larger scale trained separately); or registry:<version or alias>.
+    teacher: str = "trained"
+    temperature: float = Field(2.0, gt=0)
+    feature: bool = False  # also match the neck feature maps (1x1 adapters where pruning narrowed them)
+    weights: DistillWeights = DistillWeights()
+
+
 class QatParams(Section):
     epochs: int = 2
     activation: Literal["auto", "silu", "relu"] = "auto"
@@ -155,6 +173,7 @@ class Params(Section):
     sensitivity: SensitivityParams = SensitivityParams()
     prune: PruneParams = PruneParams()
     qat: QatParams = QatParams()
+    distill: DistillParams = DistillParams()
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()

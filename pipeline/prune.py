@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import prepare_ultralytics, surgery
+from pipeline import distill, prepare_ultralytics, surgery
 from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
 from pipeline.progress import log_ultralytics_epochs
@@ -36,7 +36,7 @@ def run(ws: Workspace) -> dict:
     trained = read_json(ws.input("outputs/train/metrics.json"))
     out_dir = ws.stage_dir()
     metrics = run_prune(ws.input("outputs/train/best.pt"), ws.input("outputs/sensitivity/plan.json"),
-                        ws.data_yaml(), ws.params, out_dir, trained)
+                        ws.data_yaml(), ws.params, out_dir, trained, teacher=distill.stage_teacher(ws))
     gate = publish(ws, files={"best.pt": out_dir / "best.pt"}, primary="best.pt", metrics=metrics,
                    gates=ws.params.prune.gates, reference=trained)
     return {"metrics": metrics, "gate": gate}
@@ -72,9 +72,9 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
 
 
 def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path,
-             what: str = "prune fine-tune"):
+             what: str = "prune fine-tune", teacher=None):
     """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
-    back into it. Returns `model`.
+    back into it. Returns `model`. `teacher`: a pipeline.distill.Teacher to distil from (params.distill).
 
     Ultralytics' trainer normally builds a fresh model from the YAML, which would undo the pruning. Its
     `setup_model` leaves an `nn.Module` already assigned to `trainer.model` alone, so the pruned module is
@@ -92,8 +92,13 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
                      warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start
     trainer = DetectionTrainer(overrides=overrides)
     log_ultralytics_epochs(trainer, what)
+    if teacher is not None:
+        distill.attach_to_trainer(trainer, teacher, params.distill)
     trainer.model = model.train()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        distill.detach(model)
     best = Path(trainer.best)
     if not best.is_file():
         raise PruneError(f"{best}: fine-tuning finished without a checkpoint")
@@ -113,10 +118,11 @@ def _measure(model, ckpt: dict, data_yaml, params: Params, path: Path, **extra) 
 
 
 def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Path, params: Params,
-              out_dir: str | Path, trained_metrics: dict) -> dict:
+              out_dir: str | Path, trained_metrics: dict, teacher=None) -> dict:
     """Prune `trained_pt` by `plan_json` in `params.prune.steps` steps with fine-tuning; write out_dir/best.pt,
     metrics.json and steps.json; return the metrics. `trained_metrics`: the evaluator's metrics of
-    `trained_pt` (the train stage's metrics.json), which the drops are measured against."""
+    `trained_pt` (the train stage's metrics.json), which the drops are measured against. `teacher`: a
+    pipeline.distill.Teacher the fine-tuning distils from, recorded in the metrics."""
     from pipeline.evaluate import evaluate
 
     prepare_ultralytics()
@@ -148,7 +154,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
             pruner.step()
             if pp.epochs_per_step > 0:
                 finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
-                         what=f"prune step {step}/{pp.steps} fine-tune")
+                         what=f"prune step {step}/{pp.steps} fine-tune", teacher=teacher)
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
             info = {"step": step, "of": pp.steps, "ratios": step_ratios}
@@ -180,6 +186,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         "plan_target_met": plan.get("target_met"),
         "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
         "reparam": plan.get("reparam"),  # what re-parameterizing the trained model changed (sensitivity measured it)
+        "distill": distill.record(teacher, params.distill),
     }
     for record in steps:
         record.pop("checkpoint")
