@@ -137,6 +137,12 @@ class QatParams(Section):
     ptq: bool = True  # also build the ORT static-quantization comparator
     # Several candidates pass: the fastest within this much mAP50-95 of the most accurate passing one.
     choice_tolerance: float = 0.005
+    # Mixed precision (pipeline/mixed_precision.py): auto returns the convs most sensitive to INT8 to float, one
+    # at a time, when even the most accurate candidate misses the accuracy floor (the gates' max_map_drop /
+    # min_map50_95); always also when the floor holds, aiming at the float reference's own mAP; off never.
+    mixed_precision: Literal["auto", "always", "off"] = "auto"
+    max_float_layers: int = Field(4, ge=0)  # the most convs returned to float
+    mixed_precision_val_images: int = Field(16, ge=1)  # val subset each conv's sensitivity is measured on
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)
     gates: StageGates = StageGates(max_map_drop=0.02, max_file_mb=5, max_latency_ratio=1.0)
 

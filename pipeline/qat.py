@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import distill, gates, int8, surgery
+from pipeline import distill, gates, int8, mixed_precision, surgery
 from pipeline.evaluate import evaluate, export_fp32_onnx
 from pipeline import latency
 from pipeline.control import best_float_model
@@ -477,6 +477,9 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
             diff = abs(candidate["metrics"]["map50_95"] - candidate["qat_torch_map50_95"])
             candidate["parity"] = {"abs_diff": diff, "passed": bool(diff <= int8.PARITY_TOLERANCE)}
+    # Adds a <base>_mixed candidate (some convs back in float) when the accuracy floor calls for it.
+    mixed = mixed_precision.run_mixed_precision(candidates, reference_float, reference_onnx, data_yaml, params,
+                                                out_dir, calib_images, _measure_onnx)
     # Gate and choice use latencies measured in turns: candidates differ by a few percent and measuring each
     # once, minutes apart, ranked them by the machine's load (seen: the same file at 5.9 and 13.8 ms). The
     # evaluator's own single measurement stays in the metrics as eval_latency_ms.
@@ -518,6 +521,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         # Every candidate quantizes the same convs; these stay float, and why (the family's head and attention).
         "float_layers": int8.float_conv_reasons(int8.load_onnx(reference_onnx)),
         "distill": distill.record(teacher, params.distill),
+        "mixed_precision": mixed,
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics
