@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import distill, prepare_ultralytics, surgery
+from pipeline import distill, prepare_ultralytics, sparsity, surgery
 from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
 from pipeline.progress import log_ultralytics_epochs
@@ -72,9 +72,10 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
 
 
 def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path,
-             what: str = "prune fine-tune", teacher=None):
+             what: str = "prune fine-tune", teacher=None, sparsifier=None):
     """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
     back into it. Returns `model`. `teacher`: a pipeline.distill.Teacher to distil from (params.distill).
+    `sparsifier`: a pipeline.sparsity.Sparsifier whose zeros are held while training (unstructured pruning).
 
     Ultralytics' trainer normally builds a fresh model from the YAML, which would undo the pruning. Its
     `setup_model` leaves an `nn.Module` already assigned to `trainer.model` alone, so the pruned module is
@@ -94,6 +95,8 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
     log_ultralytics_epochs(trainer, what)
     if teacher is not None:
         distill.attach_to_trainer(trainer, teacher, params.distill)
+    if sparsifier is not None:
+        sparsifier.attach_to_trainer(trainer)
     trainer.model = model.train()
     try:
         trainer.train()
@@ -105,6 +108,8 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
     trained = torch.load(best, map_location="cpu", weights_only=False)
     weights = (trained.get("ema") or trained.get("model")).float().state_dict()
     model.load_state_dict(weights)
+    if sparsifier is not None:
+        sparsifier.apply()  # exact zeros whatever rounding the EMA and its FP16 checkpoint went through
     for parameter in model.parameters():
         parameter.requires_grad_(True)  # the trainer freezes DFL; keep the module uniform for the next step
     return model.eval()
@@ -137,8 +142,10 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         raise PruneError(f"prune.steps must be >= 1, got {pp.steps}")
 
     model, ckpt = load_model(trained_pt)
-    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0}
-    pruner = UnitPruner(model, ratios, steps=pp.steps)
+    # method: structured (the plan's channels), unstructured (global magnitude zeros, pipeline/sparsity.py), both
+    ratios = {u: float(r) for u, r in plan["ratios"].items() if r > 0} if pp.method != "unstructured" else {}
+    pruner = UnitPruner(model, ratios, steps=pp.steps) if ratios else None
+    sparsifier = sparsity.Sparsifier(model, pp.sparsity) if pp.method != "structured" else None
     params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
     if "map50_95" not in trained_metrics:
         raise PruneError("trained_metrics has no 'map50_95': drops are measured against the trained model's mAP")
@@ -151,18 +158,22 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     try:
         for step in range(1, pp.steps + 1):
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
-            pruner.step()
+            if pruner is not None:
+                pruner.step()
+            if sparsifier is not None:
+                sparsifier.step(step, pp.steps)
             if pp.epochs_per_step > 0:
                 finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
-                         what=f"prune step {step}/{pp.steps} fine-tune", teacher=teacher)
+                         what=f"prune step {step}/{pp.steps} fine-tune", teacher=teacher, sparsifier=sparsifier)
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
-            info = {"step": step, "of": pp.steps, "ratios": step_ratios}
+            info = {"step": step, "of": pp.steps, "ratios": step_ratios, "method": pp.method}
             metrics = _measure(model, ckpt, data_yaml, params, step_pt, pruning=info)
             record = {"step": step, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                       "drop": round(trained["map50_95"] - metrics["map50_95"], 6), "params": n_params,
                       "macs": macs, "params_reduction": round(1 - n_params / params_before, 4),
-                      "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt}
+                      "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt,
+                      "sparsity": sparsity.measure(model)["sparsity"]}
             steps.append(record)
             if record["drop"] <= pp.max_drop or best_step is None:
                 best_step = record
@@ -187,6 +198,10 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
         "reparam": plan.get("reparam"),  # what re-parameterizing the trained model changed (sensitivity measured it)
         "distill": distill.record(teacher, params.distill),
+        "method": pp.method,
+        # zeros in the weights (unstructured): counted in best.pt and its ONNX, which is no faster for them
+        "sparsity": ({"target": pp.sparsity, **sparsity.report(best_pt, params)}
+                     if pp.method != "structured" else None),
     }
     for record in steps:
         record.pop("checkpoint")

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import distill, gates, int8, mixed_precision, surgery
+from pipeline import distill, gates, int8, mixed_precision, sparsity, surgery
 from pipeline.evaluate import evaluate, export_fp32_onnx
 from pipeline import latency
 from pipeline.control import best_float_model
@@ -300,6 +300,8 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what:
     lr0 = params.train.lr0 * QAT_LR_FACTOR
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr0, momentum=0.937,
                                 nesterov=True)
+    if params.prune.method != "structured":  # unstructured pruning's zeros must not regrow in QAT
+        sparsity.keep_zeros(model, optimizer)
     if teacher is not None:
         adapters = list(distill.attach(model, teacher, params.distill).parameters())
         if adapters:

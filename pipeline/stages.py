@@ -82,7 +82,8 @@ STAGES: list[Stage] = [
           alias="pruned", parent="trained"),
     Stage("qat", "pipeline.qat:run",
           "quantization-aware fine-tuning; INT8 ONNX candidates (QAT and PTQ), the gate picks one",
-          params=("data.yaml", "train", "evaluate", "export.opset", "export.simplify", "qat", "distill"),
+          params=("data.yaml", "train", "evaluate", "export.opset", "export.simplify", "qat", "distill",
+                  "prune.method"),
           # train/best.pt: the default distillation teacher (distill.teacher: trained)
           reads=("outputs/control/metrics.json", "outputs/prune/best.pt", "outputs/prune/metrics.json",
                  "outputs/train/best.pt"),
