@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
                                           "stopping at the first failure")
     add_common(run)
     run.add_argument("--from", dest="start", help="start at this stage (earlier outputs must exist)")
-    add_common(commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
-                                                 "pruned + INT8 (runs the pipeline first if needed)"))
+    bench = commands.add_parser("bench", help="benchmark table: FP32, Ultralytics INT8, ours pruned, ours "
+                                              "pruned + INT8 (runs the pipeline first if needed)")
+    add_common(bench)
+    bench.add_argument("--ablations", action="store_true",
+                       help="instead: each compression technique on and off (pipeline/ablations.py)")
+    bench.add_argument("--variant", action="append", default=None, help="with --ablations: only these variants")
     dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (--check: only compare)")
     dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs from the stage table")
     dvc_yaml.add_argument("--root", default=".", help="the repository folder holding dvc.yaml")
@@ -88,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import registry_cli
 
             return registry_cli.main(args, ws.params, ws.root)
+        if args.command == "bench" and args.ablations:
+            from pipeline.ablations import run_ablations
+
+            print(run_ablations(ws, args.variant)["markdown"])
+            return 0
         if args.command == "bench":
             from pipeline.bench import run_bench
 

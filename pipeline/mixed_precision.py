@@ -135,6 +135,9 @@ def run_mixed_precision(candidates: dict[str, dict], reference_float: dict, refe
         floor = reference_float["map50_95"]
     if q.max_float_layers < 1:
         return None
+    if best >= floor:  # `always`, and INT8 already matches the float reference: nothing to measure
+        return {"mode": q.mixed_precision, "base": base, "floor": floor, "floor_met": True, "candidate": None,
+                "steps": [{"float_layers": [], "map50_95": best}], "float_layers": []}
 
     candidate = candidates[base]
     name = f"{base}_mixed"

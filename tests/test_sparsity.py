@@ -125,3 +125,19 @@ def test_both_prunes_channels_then_zeros_what_is_left(tiny):
     assert metrics["params_reduction"] > 0.05
     assert metrics["sparsity"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert metrics["method"] == "both"
+
+
+@pytest.mark.slow
+def test_ablation_rows_for_unstructured_pruning(tiny_ws):
+    """`bench --ablations` on tiny data, one variant: the dense latency/size columns come from the files."""
+    from pipeline.ablations import run_ablations
+
+    result = run_ablations(tiny_ws, ["unstructured"])
+    rows = {r["artifact"]: r for r in result["rows"]}
+    assert set(rows) == {"pruned FP32", "INT8 qat_int8"}
+    for r in rows.values():
+        assert r["onnx_sparsity"] > 0.4 and r["gzip_mb"] < r["mb"] and r["ms"] > 0
+    assert rows["INT8 qat_int8"]["mb"] < rows["pruned FP32"]["mb"]
+    assert (tiny_ws.root / "bench/results/ablations.md").read_text().count("| unstructured |") == 2
+    with pytest.raises(ValueError, match="nope"):
+        run_ablations(tiny_ws, ["nope"])
