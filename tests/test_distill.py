@@ -150,3 +150,34 @@ def test_prune_and_qat_distil_and_record_their_teacher(tmp_path):
     # The checkpoints do not carry the teacher along.
     ckpt = torch.load(tmp_path / "prune" / "best.pt", map_location="cpu", weights_only=False)
     assert getattr(ckpt["model"], "criterion", None) is None
+
+
+def test_teacher_from_a_path_or_the_registry_is_named_in_the_record(tmp_path):
+    from pipeline.io import sha256_file
+    from pipeline.params import Params
+    from pipeline.registry import open_registry
+    from pipeline.workspace import Workspace
+
+    from tests.test_prune import _tiny_checkpoint
+
+    pt = _tiny_checkpoint(tmp_path / "teacher_s.pt")
+
+    def workspace(teacher: str, enabled: bool = True) -> Workspace:
+        return Workspace(tmp_path, Params.model_validate({"distill": {"enabled": enabled, "teacher": teacher}}))
+
+    assert distill.stage_teacher(workspace("teacher_s.pt", enabled=False)) is None
+    teacher = distill.stage_teacher(workspace("teacher_s.pt"))  # relative to the workspace root
+    assert (teacher.path, teacher.source, teacher.sha256) == (tmp_path / "teacher_s.pt", "path", sha256_file(pt))
+
+    registry = open_registry(Params().registry, base_dir=tmp_path)
+    version = registry.register("train", {"best.pt": pt}, "best.pt").version
+    registry.set_alias("trained", version, "test")
+    for spec in ("registry:trained", f"registry:{version}"):
+        ws = workspace(spec)
+        teacher = distill.stage_teacher(ws)
+        assert teacher.source == "registry" and teacher.registry_version == version
+        assert teacher.sha256 == sha256_file(pt) and teacher.model is not None
+        record = teacher.record(ws.params.distill)
+        assert record["teacher_registry_version"] == version and record["teacher_sha256"] == sha256_file(pt)
+    with pytest.raises(distill.DistillError, match="no alias 'nosuch'"):
+        distill.stage_teacher(workspace("registry:nosuch"))
