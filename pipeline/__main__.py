@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "yolov8n.yaml yolov9t.yaml yolo11n.yaml yolo26n.yaml), FP32 ONNX vs final INT8")
     bench.add_argument("--runs", type=int, default=50, help="timed runs per model and thread count (default 50)")
     bench.add_argument("--fresh", action="store_true", help="rerun pipelines that already finished with the same params")
+    bench.add_argument("--ablations", action="store_true",
+                       help="instead: each compression technique on and off (pipeline/ablations.py)")
+    bench.add_argument("--variant", action="append", default=None, help="with --ablations: only these variants")
     dvc_yaml = commands.add_parser("dvc-yaml", help="write dvc.yaml from the stage table (--check: only compare)")
     dvc_yaml.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml differs from the stage table")
     dvc_yaml.add_argument("--root", default=".", help="the repository folder holding dvc.yaml")
@@ -97,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import registry_cli
 
             return registry_cli.main(args, ws.params, ws.root)
+        if args.command == "bench" and args.ablations:
+            from pipeline.ablations import run_ablations
+
+            print(run_ablations(ws, args.variant)["markdown"])
+            return 0
         if args.command == "bench":
             if args.models:
                 from pipeline.families import bench_families

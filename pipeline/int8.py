@@ -270,7 +270,7 @@ def weight_bits_for(target: str) -> int:
 def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: list[Path], *,
                   activation_qparams: dict[str, tuple[float, int]] | None = None,
                   quantize_silu: bool = False, quant_format: str = "qdq", weight_bits: int = 7,
-                  target_cpu: str | None = None) -> dict:
+                  target_cpu: str | None = None, exclude_convs: list[str] | tuple[str, ...] = ()) -> dict:
     """Write an INT8 copy of fp32_onnx: int8 per-channel weights, uint8 per-tensor activations.
 
     calib_images: images that give ORT its MinMax ranges (needed even with activation_qparams, for any
@@ -284,6 +284,8 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
     The int8 storage is the same either way; 7 bits is correct on every CPU, so that is the default.
     target_cpu: recorded with weight_bits in the model's metadata (`int8_target_cpu`, `int8_weight_bits`),
     so a deployed file says which CPUs it was quantized for.
+    exclude_convs: names of Conv nodes that `feature_conv_nodes` selects but that stay float (mixed
+    precision, pipeline/mixed_precision.py); their SiLU stays float too.
 
     Returns what was quantized: {"quantized_convs", "float_convs", "quantized_silu_nodes", ...}.
     """
@@ -295,6 +297,10 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
     model = load_onnx(fp32_onnx)
     height, width = input_image_size(model, fp32_onnx)
     convs = feature_conv_nodes(model)
+    unknown = sorted(set(exclude_convs) - {n.name for n in convs})
+    if unknown:
+        raise Int8Error(f"{fp32_onnx}: exclude_convs names {unknown}, which are not quantizable Conv nodes here")
+    convs = [n for n in convs if n.name not in set(exclude_convs)]
     if not convs:
         raise Int8Error(f"{fp32_onnx}: no Conv followed by an activation, nothing to quantize")
     all_convs = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -353,6 +359,7 @@ def quantize_onnx(fp32_onnx: str | Path, out_onnx: str | Path, calib_images: lis
         "quantized_convs": len(convs),
         "float_convs": len(all_convs) - len(convs),
         "quantized_silu_nodes": len(silu),
+        "excluded_convs": sorted(exclude_convs),
         "calibration_images": len(calib_images),
         "activation_overrides": len(overrides),
         "isolated_conv_inputs": len(isolated),

@@ -133,7 +133,29 @@ class PruneParams(Section):
     steps: int = 2
     epochs_per_step: int = 5
     max_drop: float = 0.03  # stop pruning further once the drop vs trained exceeds this
+    # structured: remove channels by the sensitivity plan; unstructured: global magnitude zeros to `sparsity`
+    # (smaller gzip, same dense speed); both: channels, then zeros in what is left
+    method: Literal["structured", "unstructured", "both"] = "structured"
+    sparsity: float = Field(0.5, ge=0, lt=1)  # fraction of prunable conv weights zeroed (unstructured, both)
     gates: StageGates = StageGates(max_map_drop=0.05, min_params_reduction=0.2)
+
+
+class DistillWeights(Section):
+    detection: float = 1.0  # the normal detection loss (box, cls, dfl with Ultralytics' gains)
+    cls: float = 1.0  # class scores: binary KL per class at `temperature`
+    box: float = 1.0  # DFL box distributions: KL at `temperature` (L1 for heads without DFL)
+    feature: float = 1.0  # neck feature maps (only with `feature: true`)
+
+
+class DistillParams(Section):
+    # Knowledge distillation during prune's fine-tuning and QAT (pipeline/distill.py).
+    enabled: bool = False
+    # trained: this run's outputs/train/best.pt; a checkpoint path (relative to the workspace root, e.g. a
+    # larger scale trained separately); or registry:<version or alias>.
+    teacher: str = "trained"
+    temperature: float = Field(2.0, gt=0)
+    feature: bool = False  # also match the neck feature maps (1x1 adapters where pruning narrowed them)
+    weights: DistillWeights = DistillWeights()
 
 
 class QatParams(Section):
@@ -146,6 +168,12 @@ class QatParams(Section):
     target_cpu: Literal["auto", "vnni", "avx2", "arm64"] = "auto"
     # Several candidates pass: the fastest within this much mAP50-95 of the most accurate passing one.
     choice_tolerance: float = 0.005
+    # Mixed precision (pipeline/mixed_precision.py): auto returns the convs most sensitive to INT8 to float, one
+    # at a time, when even the most accurate candidate misses the accuracy floor (the gates' max_map_drop /
+    # min_map50_95); always also when the floor holds, aiming at the float reference's own mAP; off never.
+    mixed_precision: Literal["auto", "always", "off"] = "auto"
+    max_float_layers: int = Field(4, ge=0)  # the most convs returned to float
+    mixed_precision_val_images: int = Field(16, ge=1)  # val subset each conv's sensitivity is measured on
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)
     gates: StageGates = StageGates(max_map_drop=0.05, max_file_mb=5, max_latency_ratio=1.0)
 
@@ -182,6 +210,7 @@ class Params(Section):
     sensitivity: SensitivityParams = SensitivityParams()
     prune: PruneParams = PruneParams()
     qat: QatParams = QatParams()
+    distill: DistillParams = DistillParams()
     gate: GateParams = GateParams()
     registry: RegistryParams = RegistryParams()
     orchestration: OrchestrationParams = OrchestrationParams()

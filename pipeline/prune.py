@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline import prepare_ultralytics, surgery
+from pipeline import distill, prepare_ultralytics, sparsity, surgery
 from pipeline.io import copy_file, read_json, sha256_file, write_json
 from pipeline.params import Params
 from pipeline.progress import log_ultralytics_epochs
@@ -43,7 +43,7 @@ def run(ws: Workspace) -> dict:
     trained = read_json(ws.input("outputs/train/metrics.json"))
     out_dir = ws.stage_dir()
     metrics = run_prune(ws.input("outputs/train/best.pt"), ws.input("outputs/sensitivity/plan.json"),
-                        ws.data_yaml(), ws.params, out_dir, trained)
+                        ws.data_yaml(), ws.params, out_dir, trained, teacher=distill.stage_teacher(ws))
     gate = publish(ws, files={"best.pt": out_dir / "best.pt"}, primary="best.pt", metrics=metrics,
                    gates=ws.params.prune.gates, reference=trained)
     return {"metrics": metrics, "gate": gate}
@@ -86,9 +86,10 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
 
 
 def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir: Path, base_pt: str | Path,
-             what: str = "prune fine-tune"):
+             what: str = "prune fine-tune", teacher=None, sparsifier=None):
     """Train `model` itself (not a model rebuilt from its YAML) for `epochs` epochs; load the best EMA weights
-    back into it. Returns `model`.
+    back into it. Returns `model`. `teacher`: a pipeline.distill.Teacher to distil from (params.distill).
+    `sparsifier`: a pipeline.sparsity.Sparsifier whose zeros are held while training (unstructured pruning).
 
     Ultralytics' trainer normally builds a fresh model from the YAML, which would undo the pruning. Its
     `setup_model` leaves an `nn.Module` already assigned to `trainer.model` alone, so the pruned module is
@@ -106,14 +107,23 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
                      warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start
     trainer = DetectionTrainer(overrides=overrides)
     log_ultralytics_epochs(trainer, what)
+    if teacher is not None:
+        distill.attach_to_trainer(trainer, teacher, params.distill)
+    if sparsifier is not None:
+        sparsifier.attach_to_trainer(trainer)
     trainer.model = model.train()
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        distill.detach(model)
     best = Path(trainer.best)
     if not best.is_file():
         raise PruneError(f"{best}: fine-tuning finished without a checkpoint")
     trained = torch.load(best, map_location="cpu", weights_only=False)
     weights = (trained.get("ema") or trained.get("model")).float().state_dict()
     model.load_state_dict(weights)
+    if sparsifier is not None:
+        sparsifier.apply()  # exact zeros whatever rounding the EMA and its FP16 checkpoint went through
     for parameter in model.parameters():
         parameter.requires_grad_(True)  # the trainer freezes DFL; keep the module uniform for the next step
     return model.eval()
@@ -157,10 +167,11 @@ def measure_latency_reduction(trained_pt: str | Path, pruned_pt: str | Path, dat
 
 
 def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Path, params: Params,
-              out_dir: str | Path, trained_metrics: dict) -> dict:
+              out_dir: str | Path, trained_metrics: dict, teacher=None) -> dict:
     """Prune `trained_pt` by `plan_json` in `params.prune.steps` steps with fine-tuning; write out_dir/best.pt,
     metrics.json and steps.json; return the metrics. `trained_metrics`: the evaluator's metrics of
-    `trained_pt` (the train stage's metrics.json), which the drops are measured against."""
+    `trained_pt` (the train stage's metrics.json), which the drops are measured against. `teacher`: a
+    pipeline.distill.Teacher the fine-tuning distils from, recorded in the metrics."""
     from pipeline.evaluate import evaluate
 
     prepare_ultralytics()
@@ -176,11 +187,16 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
 
     model, ckpt = load_model(trained_pt)
     params_before, macs_before = surgery.count_params_macs(model, params.train.imgsz)
-    depth = list(plan.get("depth", []))
+    # method: structured (the plan's depth units and channels), unstructured (global magnitude zeros,
+    # pipeline/sparsity.py), both.
+    structured = pp.method != "unstructured"
+    depth = list(plan.get("depth", [])) if structured else []
     # Depth units go first and whole: their names are the unpruned model's bottleneck indices, and a
     # bottleneck removed in step 1 gives the fine-tuning every step to recover.
-    _, ratios = drop_depth_units(model, depth, {u: float(r) for u, r in plan["ratios"].items() if r > 0})
+    _, ratios = drop_depth_units(model, depth, {u: float(r) for u, r in plan["ratios"].items() if r > 0}
+                                 if structured else {})
     pruner = UnitPruner(model, ratios, steps=pp.steps) if ratios else None
+    sparsifier = sparsity.Sparsifier(model, pp.sparsity) if pp.method != "structured" else None
     if "map50_95" not in trained_metrics:
         raise PruneError("trained_metrics has no 'map50_95': drops are measured against the trained model's mAP")
     trained = trained_metrics
@@ -194,17 +210,20 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
             step_ratios = {u: r * step / pp.steps for u, r in ratios.items()}
             if pruner is not None:
                 pruner.step()
+            if sparsifier is not None:
+                sparsifier.step(step, pp.steps)
             if pp.epochs_per_step > 0:
                 finetune(model, data_yaml, params, pp.epochs_per_step, work / f"step{step}", trained_pt,
-                         what=f"prune step {step}/{pp.steps} fine-tune")
+                         what=f"prune step {step}/{pp.steps} fine-tune", teacher=teacher, sparsifier=sparsifier)
             n_params, macs = surgery.count_params_macs(model, params.train.imgsz)
             step_pt = work / f"step{step}.pt"
-            info = {"step": step, "of": pp.steps, "ratios": step_ratios, "depth": depth}
+            info = {"step": step, "of": pp.steps, "ratios": step_ratios, "depth": depth, "method": pp.method}
             metrics = _measure(model, ckpt, data_yaml, params, step_pt, pruning=info)
             record = {"step": step, "depth": depth, "map50_95": metrics["map50_95"], "map50": metrics["map50"],
                       "drop": round(trained["map50_95"] - metrics["map50_95"], 6), "params": n_params,
                       "macs": macs, "params_reduction": round(1 - n_params / params_before, 4),
-                      "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt}
+                      "macs_reduction": round(1 - macs / macs_before, 4), "checkpoint": step_pt,
+                      "sparsity": sparsity.measure(model)["sparsity"]}
             steps.append(record)
             if record["drop"] <= pp.max_drop or best_step is None:
                 best_step = record
@@ -243,6 +262,11 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
         "depth_units_removed": depth,
         "plan_from_this_checkpoint": plan["model"].get("sha256") == sha256_file(trained_pt),
         "reparam": plan.get("reparam"),  # what re-parameterizing the trained model changed (sensitivity measured it)
+        "distill": distill.record(teacher, params.distill),
+        "method": pp.method,
+        # zeros in the weights (unstructured): counted in best.pt and its ONNX, which is no faster for them
+        "sparsity": ({"target": pp.sparsity, **sparsity.report(best_pt, params)}
+                     if pp.method != "structured" else None),
     }
     for record in steps:
         record.pop("checkpoint")

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import gates, int8, surgery
+from pipeline import distill, gates, int8, mixed_precision, sparsity, surgery
 from pipeline.evaluate import evaluate, export_fp32_onnx
 from pipeline import latency
 from pipeline.control import best_float_model
@@ -276,8 +276,9 @@ def calibrate(model: nn.Module, calib_images: list[Path], imgsz: int) -> None:
     set_observers(model, False)
 
 
-def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what: str = "") -> None:
-    """QAT: params.qat.epochs of training with fake quantization on, Ultralytics' dataset and loss.
+def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what: str = "", teacher=None) -> None:
+    """QAT: params.qat.epochs of training with fake quantization on, Ultralytics' dataset and loss (plus
+    distillation from `teacher`, a pipeline.distill.Teacher, when given).
 
     Activation ranges follow the batches (EMA) in all but the last epoch and are frozen in the last one,
     so the weights settle on the ranges that will be exported. Mosaic is off, as in Ultralytics' final
@@ -305,6 +306,12 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what:
     lr0 = params.train.lr0 * QAT_LR_FACTOR
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr0, momentum=0.937,
                                 nesterov=True)
+    if params.prune.method != "structured":  # unstructured pruning's zeros must not regrow in QAT
+        sparsity.keep_zeros(model, optimizer)
+    if teacher is not None:
+        adapters = list(distill.attach(model, teacher, params.distill).parameters())
+        if adapters:
+            optimizer.add_param_group({"params": adapters})
     steps = epochs * len(loader)
     step = 0
     set_fake_quant(model, True)
@@ -330,7 +337,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what:
                     "ranges_frozen": last})
         progress.step(epoch_details(log[-1]["loss"], None, log[-1]["seconds"]))
     set_observers(model, False)
-    model.criterion = None
+    model.criterion = None  # also drops a distilling criterion: the checkpoint must not pickle the teacher
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -360,7 +367,7 @@ def _measure_onnx(path: Path, data_yaml: Path, params: Params) -> dict:
 
 
 def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Params, calib_images: list[Path],
-                 out_dir: Path, work: Path, weight_bits: int = DEFAULT_WEIGHT_BITS) -> dict:
+                 out_dir: Path, work: Path, weight_bits: int = DEFAULT_WEIGHT_BITS, teacher=None) -> dict:
     """QAT one activation variant; returns its torch checkpoint, float ONNX and activation qparams."""
     from pipeline.surgery import load_detection_model
 
@@ -371,7 +378,7 @@ def _qat_variant(activation: str, pruned_pt: Path, data_yaml: Path, params: Para
     share_input_observers(model, map_convs_to_onnx(model, probe))
     calibrate(model, calib_images, params.train.imgsz)
     log: list = []
-    finetune(model, data_yaml, params, log, what=activation)
+    finetune(model, data_yaml, params, log, what=activation, teacher=teacher)
 
     torch_pt = save_checkpoint(model, out_dir / f"qat_{activation}_model.pt", base_ckpt,
                                qat={"activation": activation, "epochs": params.qat.epochs,
@@ -388,7 +395,8 @@ def run(ws: Workspace) -> dict:
     float_models = {"control": read_json(ws.input("outputs/control/metrics.json")),
                     "pruned": read_json(ws.input("outputs/prune/metrics.json"))}
     out_dir = ws.stage_dir()
-    metrics = run_qat(ws.input("outputs/prune/best.pt"), ws.data_yaml(), ws.params, out_dir, float_models)
+    metrics = run_qat(ws.input("outputs/prune/best.pt"), ws.data_yaml(), ws.params, out_dir, float_models,
+                      teacher=distill.stage_teacher(ws))
     gate = publish(ws, files={"model_int8.onnx": out_dir / "model_int8.onnx"}, primary="model_int8.onnx",
                    metrics=metrics, gates=ws.params.qat.gates, reference=best_float_model(float_models)[1],
                    reference_latency_ms=metrics["reference_fp32_latency_ms"])
@@ -421,7 +429,7 @@ def choose_candidate(candidates: dict[str, dict], tolerance: float) -> tuple[str
 
 
 def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_dir: str | Path,
-            float_models: dict[str, dict]) -> dict:
+            float_models: dict[str, dict], teacher=None) -> dict:
     """Fine-tune with fake quantization, build every INT8 candidate, measure them, pick the gate winner.
 
     Writes out_dir/{qat_int8.onnx, qat_qsilu_int8.onnx, qat_relu_int8.onnx, ptq_int8.onnx} (as the
@@ -430,6 +438,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     model export's parity check compares with; for a PTQ choice the pruned float model it quantized),
     candidates.json and metrics.json.
     Returns the metrics.json content; "passed" is False (with reasons) when no candidate passes.
+    `teacher`: a pipeline.distill.Teacher the QAT fine-tuning distils from, recorded in the metrics.
     """
 
     pruned_pt, data_yaml, out_dir = Path(pruned_pt), Path(data_yaml), Path(out_dir)
@@ -456,7 +465,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         work = Path(tmp)
         for activation in activations:
             variant = _qat_variant(activation, pruned_pt, data_yaml, params, calib_images, out_dir, work,
-                                   weight_bits)
+                                   weight_bits, teacher)
             torch_metrics = int8.torch_accuracy_square(variant["torch_pt"], data_yaml, params)
             builds = [("qat_int8" if activation == "silu" else f"qat_{activation}_int8", False)]
             if activation == "silu":
@@ -481,6 +490,9 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
             diff = abs(candidate["metrics"]["map50_95"] - candidate["qat_torch_map50_95"])
             candidate["parity"] = {"abs_diff": diff, "passed": bool(diff <= int8.PARITY_TOLERANCE)}
+    # Adds a <base>_mixed candidate (some convs back in float) when the accuracy floor calls for it.
+    mixed = mixed_precision.run_mixed_precision(candidates, reference_float, reference_onnx, data_yaml, params,
+                                                out_dir, calib_images, _measure_onnx)
     # Gate and choice use latencies measured in turns: candidates differ by a few percent and measuring each
     # once, minutes apart, ranked them by the machine's load (seen: the same file at 5.9 and 13.8 ms). The
     # evaluator's own single measurement stays in the metrics as eval_latency_ms.
@@ -525,6 +537,8 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
         "reference_fp32_file_mb": reference["file_mb"],
         # Every candidate quantizes the same convs; these stay float, and why (the family's head and attention).
         "float_layers": int8.float_conv_reasons(int8.load_onnx(reference_onnx)),
+        "distill": distill.record(teacher, params.distill),
+        "mixed_precision": mixed,
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -1,0 +1,202 @@
+"""Mixed precision with accuracy control: return the convs INT8 hurts most to float, one at a time, until the
+qat gate's accuracy floor holds or `qat.max_float_layers` convs are float.
+
+Each quantizable conv's own INT8 sensitivity is the mAP50-95 gained, on a fixed val subset
+(`qat.mixed_precision_val_images`), by leaving that conv alone in float with every other one quantized.
+Convs then go back to float in that order; after each, the whole model is re-quantized (the same QAT ranges
+or PTQ calibration) and measured on the full val split, the split the gate reads, so the stopping rule and
+the gate agree. Every remaining quantized conv still runs as an ORT integer kernel (counted in ORT's
+optimized graph), and the latency cost of the float convs is measured against the all-INT8 model.
+
+When: `qat.mixed_precision: auto` runs only when even the most accurate candidate misses the floor (then no
+candidate can pass the accuracy gate); `always` runs every time, aiming at the float reference's own mAP,
+which gives the choice rule an accuracy-first candidate to weigh against latency; `off` never.
+The result is one more candidate, `<base>_mixed`, measured and gated like the others; for a QAT base its
+torch twin (the fake-quant model with those convs float) is what export's parity check compares with.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from pipeline import int8, latency
+from pipeline.params import Params
+
+
+class MixedPrecisionError(RuntimeError):
+    pass
+
+
+def return_to_float(gains: dict[str, float], measure: Callable[[list[str]], float], floor: float, budget: int,
+                    start_map: float) -> dict:
+    """The rule, free of any model: convs go float in order of `gains` (largest first, ties by name), one at a
+    time, each step re-measured by `measure(float_convs) -> mAP`, until mAP >= floor or `budget` convs are float.
+
+    Kept: the first step that meets the floor; if none does, the most accurate step (fewest floats on ties).
+    """
+    order = sorted(gains, key=lambda name: (-gains[name], name))
+    steps = [{"float_layers": [], "map50_95": start_map}]
+    floats: list[str] = []
+    current = start_map
+    while current < floor and len(floats) < min(budget, len(order)):
+        floats.append(order[len(floats)])
+        current = measure(list(floats))
+        steps.append({"float_layers": list(floats), "map50_95": current})
+    met = [s for s in steps if s["map50_95"] >= floor]
+    kept = met[0] if met else max(steps, key=lambda s: (s["map50_95"], -len(s["float_layers"])))
+    return {"order": order, "steps": steps, "kept": kept, "floor": floor, "floor_met": bool(met),
+            "budget": budget}
+
+
+def accuracy_floor(reference_float: dict, gates) -> float | None:
+    """The lowest mAP50-95 the qat gate accepts: the float reference minus max_map_drop, or min_map50_95."""
+    floors = []
+    if gates.max_map_drop is not None:
+        floors.append(reference_float["map50_95"] - gates.max_map_drop)
+    if gates.min_map50_95 is not None:
+        floors.append(gates.min_map50_95)
+    return max(floors) if floors else None
+
+
+def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | None = None) -> dict:
+    """The evaluator's accuracy (one name the tests can replace with synthetic measurements)."""
+    from pipeline import evaluate
+
+    return evaluate.accuracy(artifact, data_yaml, params, max_images=max_images)
+
+
+class FloatConv(nn.Module):
+    """A QAT conv returned to float: conv and activation with no fake quantization (the mixed torch twin)."""
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module):
+        super().__init__()
+        self.conv, self.act = conv, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+def _float_twin(qat_model: nn.Module, mapping: dict[str, tuple[str, str]], float_outputs: set[str]) -> nn.Module:
+    from pipeline import qat
+
+    twin = copy.deepcopy(qat_model)
+    convs = qat.quant_convs(twin)
+    for name, (_, output_tensor) in mapping.items():
+        if output_tensor not in float_outputs:
+            continue
+        old = convs[name]
+        new = FloatConv(old.conv, old.act)
+        for attr in qat._LAYER_ATTRS:
+            if hasattr(old, attr):
+                setattr(new, attr, getattr(old, attr))
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, new)
+    return twin
+
+
+def _source(candidate: dict, reference_onnx: Path, params: Params, work: Path) -> dict:
+    """What rebuilds a candidate with some convs float: its float ONNX, its activation ranges (QAT) and, for
+    QAT, the fake-quant torch model with the ONNX tensors of each conv."""
+    from pipeline import qat
+
+    if candidate["method"] != "qat":
+        return {"float_onnx": reference_onnx, "qparams": None, "model": None}
+    pt = Path(candidate["qat_torch_pt"])
+    ckpt = torch.load(pt, map_location="cpu", weights_only=False)
+    model = ckpt["model"].float().eval()
+    float_onnx = qat.export_float_onnx(model, ckpt, work / "mixed_source_fp32.onnx", params)
+    mapping = qat.map_convs_to_onnx(model, float_onnx)
+    return {"float_onnx": float_onnx, "qparams": qat.activation_qparams(model, mapping), "model": model,
+            "ckpt": ckpt, "mapping": mapping}
+
+
+def run_mixed_precision(candidates: dict[str, dict], reference_float: dict, reference_onnx: Path,
+                        data_yaml: Path, params: Params, out_dir: Path, calib_images: list[Path],
+                        measure: Callable[[Path, Path, Params], dict]) -> dict | None:
+    """Add the `<base>_mixed` candidate to `candidates` (measured with `measure`, like the others) when
+    qat.mixed_precision calls for it; returns the search record, or None when it did not run (and why not
+    is then in the record of the stage: mode off, floor held, no floor). Candidates need their "metrics"."""
+    from pipeline import qat
+
+    q = params.qat
+    floor = accuracy_floor(reference_float, q.gates)
+    base = max(candidates, key=lambda n: candidates[n]["metrics"]["map50_95"])
+    best = candidates[base]["metrics"]["map50_95"]
+    if q.mixed_precision == "off":
+        return None
+    if q.mixed_precision == "auto" and (floor is None or best >= floor):
+        return None
+    if q.mixed_precision == "always":
+        floor = reference_float["map50_95"]
+    if q.max_float_layers < 1:
+        return None
+    if best >= floor:  # `always`, and INT8 already matches the float reference: nothing to measure
+        return {"mode": q.mixed_precision, "base": base, "floor": floor, "floor_met": True, "candidate": None,
+                "steps": [{"float_layers": [], "map50_95": best}], "float_layers": []}
+
+    candidate = candidates[base]
+    name = f"{base}_mixed"
+    path = out_dir / f"{name}.onnx"
+    with tempfile.TemporaryDirectory(prefix="mixed-", dir=out_dir) as tmp:
+        work = Path(tmp)
+        source = _source(candidate, reference_onnx, params, work)
+        silu = candidate["silu_quantized"]
+
+        def build(exclude: list[str], out: Path) -> dict:
+            return int8.quantize_onnx(source["float_onnx"], out, calib_images, activation_qparams=source["qparams"],
+                                      quantize_silu=silu, weight_bits=candidate["quantization"]["weight_bits"],
+                                      target_cpu=candidate["quantization"].get("target_cpu"), exclude_convs=exclude)
+
+        convs = [n.name for n in int8.feature_conv_nodes(int8.load_onnx(source["float_onnx"]))]
+        subset = q.mixed_precision_val_images
+        probe = work / "probe.onnx"
+        build([], probe)
+        all_int8 = accuracy(probe, data_yaml, params, max_images=subset)["map50_95"]
+        gains = {}
+        for conv in convs:
+            build([conv], probe)
+            gains[conv] = accuracy(probe, data_yaml, params, max_images=subset)["map50_95"] - all_int8
+
+        def measure_full(exclude: list[str]) -> float:
+            build(exclude, probe)
+            return accuracy(probe, data_yaml, params)["map50_95"]
+
+        record = return_to_float(gains, measure_full, floor, q.max_float_layers, best)
+        kept = record["kept"]["float_layers"]
+        record.update({"mode": q.mixed_precision, "base": base, "val_subset_images": subset,
+                       "subset_all_int8_map50_95": all_int8, "gains": gains})
+        if not kept:
+            record["candidate"] = None
+            return record
+        info = build(kept, path)
+
+        twin_pt = None
+        if source["model"] is not None:
+            outputs = {n.output[0] for n in int8.load_onnx(source["float_onnx"]).graph.node if n.name in kept}
+            twin = _float_twin(source["model"], source["mapping"], outputs)
+            twin_pt = qat.save_checkpoint(twin, out_dir / f"{name}_model.pt", source["ckpt"],
+                                          mixed_precision={"float_layers": kept})
+        kernels = int8.count_integer_kernels(path)
+        e = params.evaluate
+        timed = latency.interleaved({"all_int8": candidate["path"], "mixed": path}, e.threads, e.warmup, e.runs)
+    record.update({
+        "candidate": name, "float_layers": kept,
+        "integer_convs": kernels["integer_convs"], "quantized_convs": info["quantized_convs"],
+        "all_quantized_convs_fused": kernels["integer_convs"] == info["quantized_convs"],
+        "latency_ms": {k: v["median_ms"] for k, v in timed.items()},
+        "latency_cost_ms": timed["mixed"]["median_ms"] - timed["all_int8"]["median_ms"],
+    })
+    new = {**{k: v for k, v in candidate.items() if k not in ("metrics", "parity", "qat_log")},
+           "path": str(path), "quantization": info, "mixed_precision": record, "qat_torch_pt": str(twin_pt) if twin_pt else None}
+    new["metrics"] = measure(path, data_yaml, params)
+    if twin_pt is not None:
+        new["qat_torch_map50_95"] = int8.torch_accuracy_square(twin_pt, data_yaml, params)["map50_95"]
+        diff = abs(new["metrics"]["map50_95"] - new["qat_torch_map50_95"])
+        new["parity"] = {"abs_diff": diff, "passed": bool(diff <= int8.PARITY_TOLERANCE)}
+    candidates[name] = new
+    return record
