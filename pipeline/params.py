@@ -119,7 +119,7 @@ class LatencyPlanParams(Section):
 class SensitivityParams(Section):
     ratios: list[float] = [0.2, 0.4, 0.6, 0.8]
     val_images: int = 32  # fixed val subset, the first N images in sorted order
-    max_drop: float = 0.02  # per-layer mAP50-95 budget when building the plan
+    max_drop: float = 0.005  # per-layer mAP50-95 budget when building the plan
     # macs / params: the plan removes target_reduction of them; latency: of the measured ORT latency, picking
     # channel and depth units by measured ms saved per mAP lost
     target: Literal["params", "macs", "latency"] = "macs"
