@@ -344,23 +344,11 @@ def _split_depth_unit(model: nn.Module, unit: str) -> tuple[nn.Module, int]:
 def _output_channels(model: nn.Module, module: nn.Module, imgsz: int) -> tuple[int, int]:
     """(input, output) channels of `module` in one forward pass of `model`: a bottleneck's width is whatever
     pruning left it, and C3k / attention pairs have no single attribute for it."""
-    seen: dict[str, int] = {}
-
-    def hook(_, inputs, output):
-        seen["in"], seen["out"] = inputs[0].shape[1], output.shape[1]
-
-    handle = module.register_forward_hook(hook)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, imgsz, imgsz))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    if not seen:
+    shapes = _io_shapes(model, [module], imgsz)
+    if module not in shapes:
         raise ValueError(f"{type(module).__name__} did not run in the model's forward pass")
-    return seen["in"], seen["out"]
+    (inputs, output) = shapes[module]
+    return inputs[1], output[1]
 
 
 def drop_bottleneck(model: nn.Module, unit: str, imgsz: int = 64) -> int:
