@@ -145,3 +145,17 @@ def trained_workdir(trained_tiny, tmp_path, monkeypatch):
             shutil.copy(source, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def nudge_onnx_bias(path: Path) -> None:
+    """Add 1e-3 to one float bias of an ONNX file in place: other bytes (a new registry version), practically
+    the same model (a challenger that neither wins nor loses on accuracy)."""
+    import onnx
+    import onnx.numpy_helper
+
+    graph = onnx.load(str(path))
+    bias = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] += 1e-3
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(graph, str(path))

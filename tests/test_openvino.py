@@ -8,6 +8,7 @@ import openvino as ov
 import pytest
 import yaml
 
+from conftest import nudge_onnx_bias
 from pipeline import export, int8, latency, stages
 from pipeline.gates import GateFailed
 from pipeline.registry import open_registry
@@ -106,16 +107,9 @@ def test_export_and_gate_register_and_promote_both_targets_with_one_lineage(trai
 
     # A challenger (other bytes): the IR champion is fetched into an OpenVINO folder and re-evaluated in
     # OpenVINO, and both production aliases move together.
-    import onnx
-    import onnx.numpy_helper
 
     qat_model = trained_workdir / "outputs" / "qat" / "model_int8.onnx"
-    graph = onnx.load(str(qat_model))
-    bias = next(t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1)
-    values = onnx.numpy_helper.to_array(bias).copy()
-    values[0] += 1e-3
-    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-    onnx.save(graph, str(qat_model))
+    nudge_onnx_bias(qat_model)
     stages.run_stage("export", _workspace())
     second = stages.run_stage("gate", _workspace())
     openvino = second["targets"]["openvino"]
