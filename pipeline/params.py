@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 DEFAULT_PARAMS = Path("params.yaml")
 DEMO_DATA_YAML = "data/demo/data.yaml"
@@ -22,6 +22,12 @@ DEMO_DATA_YAML = "data/demo/data.yaml"
 class Section(BaseModel):
     # A typo in params.yaml (`epoch: 3`) must be an error, not a silently ignored key.
     model_config = ConfigDict(extra="forbid")
+
+
+def _bare_off(value):
+    """YAML 1.1 (PyYAML, and so params.yaml and --set) reads a bare `off` as false: a choice that offers "off"
+    means that."""
+    return "off" if value is False else value
 
 
 class DemoParams(Section):
@@ -86,12 +92,7 @@ class ExportParams(Section):
     simplify: bool = True
     # The OpenVINO IR beside the ONNX Runtime model: qdq converts our INT8 QDQ ONNX, nncf has NNCF quantize the
     # pruned float model with the qat calibration images, off writes none (pipeline/export.py).
-    openvino: Literal["qdq", "nncf", "off"] = "qdq"
-
-    @field_validator("openvino", mode="before")
-    @classmethod
-    def _yaml_off(cls, value):
-        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+    openvino: Annotated[Literal["qdq", "nncf", "off"], BeforeValidator(_bare_off)] = "qdq"
     gates: StageGates = StageGates(min_map50_95=0.5, max_file_mb=20)
 
 
@@ -171,7 +172,7 @@ class QatParams(Section):
     # Mixed precision (pipeline/mixed_precision.py): auto returns the convs most sensitive to INT8 to float, one
     # at a time, when even the most accurate candidate misses the accuracy floor (the gates' max_map_drop /
     # min_map50_95); always also when the floor holds, aiming at the float reference's own mAP; off never.
-    mixed_precision: Literal["auto", "always", "off"] = "auto"
+    mixed_precision: Annotated[Literal["auto", "always", "off"], BeforeValidator(_bare_off)] = "auto"
     max_float_layers: int = Field(4, ge=0)  # the most convs returned to float
     mixed_precision_val_images: int = Field(16, ge=1)  # val subset each conv's sensitivity is measured on
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)

@@ -21,6 +21,14 @@ def test_overrides_are_typed_like_yaml():
     assert p.hash() != load_params("params.yaml").hash()
 
 
+def test_a_bare_off_is_off_where_a_choice_offers_it():
+    """YAML reads a bare `off` as false; `--set qat.mixed_precision=off` must still mean "off"."""
+    p = load_params("params.yaml", ["qat.mixed_precision=off", "export.openvino=off"])
+    assert p.qat.mixed_precision == "off" and p.export.openvino == "off"
+    with pytest.raises(ParamsError, match="qat.ptq"):
+        load_params("params.yaml", ["qat.ptq=nope"])
+
+
 def test_data_option_points_at_another_dataset():
     p = load_params("params.yaml", data="elsewhere/ds/data.yaml")
     assert p.data.yaml == "elsewhere/ds/data.yaml"
