@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipeline import latency
-from pipeline.evaluate import evaluate, export_fp32_onnx, model_size
+from pipeline.evaluate import artifact_bytes, evaluate, export_fp32_onnx, model_size
 from pipeline.io import read_json, write_json, write_text
 from pipeline.params import DEMO_DATA_YAML, Params, params_hash
 from pipeline.workspace import Workspace
@@ -113,7 +113,7 @@ def ultralytics_export(trained_pt: Path, out_dir: Path, imgsz: int, data_yaml: P
 
 def timed_rows(rows: list[dict], warmup: int, runs: int) -> None:
     """Adds "ms_1_thread", "ms_2_threads" (medians) and their "_spread" (p25, p75) to every row, measuring all
-    rows in the same interleaved rounds; a row's "timed" is (path, runtime)."""
+    rows in the same interleaved rounds; a row's "timed" is [path, runtime]."""
     for threads, key in ((1, "ms_1_thread"), (2, "ms_2_threads")):
         measured = latency.interleaved({r["artifact"]: r["timed"] for r in rows}, threads, warmup, runs,
                                        rounds=10)
@@ -126,13 +126,11 @@ def accuracy_row(name: str, runtime: str, artifact: Path, size_source: Path | No
                  params: Params, accuracy_of: Path | None = None) -> dict:
     """Size and accuracy of one artifact; `accuracy_of` measures mAP on another file (marked in the table)."""
     metrics = evaluate(accuracy_of or artifact, data_yaml, params, latency=False)
-    from pipeline.evaluate import artifact_bytes
-
     sizes = model_size(size_source, params.train.imgsz) if size_source else {"params": None, "gflops": None}
     return {"artifact": name, "runtime": runtime, "file_mb": round(artifact_bytes(artifact) / 1e6, 4),
             "params": sizes["params"], "gflops": sizes["gflops"], "map50_95": metrics["map50_95"],
             "map50": metrics["map50"], "map_measured_elsewhere": accuracy_of is not None,
-            "timed": (artifact, runtime), "role": ""}
+            "timed": [str(artifact), runtime], "role": ""}
 
 
 def bench_rows(ws: Workspace, work: Path, runs: int) -> list[dict]:
@@ -229,8 +227,6 @@ def bench_workspace(ws: Workspace, runs: int = 50, name: str = "bench") -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         rows = bench_rows(ws, Path(tmp), runs)
-    for r in rows:
-        r["timed"] = [str(r["timed"][0]), r["timed"][1]]
     header = (f"Benchmark {time.strftime('%Y-%m-%d')} on {latency.describe_cpu()}; ONNX Runtime "
               f"{onnxruntime.__version__} (thread spinning off) and OpenVINO {openvino.__version__} (LATENCY hint), "
               f"CPU, batch 1, models interleaved in 10 rounds, median of {runs} runs after "

@@ -106,8 +106,6 @@ def family_row(model_yaml: str, root: Path, data_yaml: Path, params: Params, run
             measured.append(row["int8"])
         if measured:
             timed_rows(measured, params.evaluate.warmup, runs)
-    for m in measured:
-        m["timed"] = [str(m["timed"][0]), m["timed"][1]]
     return row
 
 

@@ -82,7 +82,7 @@ def interleaved(models: dict[str, str | Path | tuple], threads: int, warmup: int
                 rounds: int = 5) -> dict[str, dict]:
     """{name: {"median_ms", "p25_ms", "p75_ms", "runs"}} of every model, timed in turns.
 
-    A model is a path, or (path, runtime) to choose the runtime. `runs` timed runs per model in all, spread
+    A model is a path, or (path, runtime) or [path, runtime] to choose the runtime. `runs` timed runs per model in all, spread
     over `rounds` rounds (at least one run per round)."""
     if not models:
         return {}
