@@ -99,9 +99,10 @@ def finetune(model, data_yaml: str | Path, params: Params, epochs: int, run_dir:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     prepare_ultralytics()
-    p = params.train
+    p, recipe = params.train, params.prune.finetune
     overrides = dict(model=str(base_pt), data=str(data_yaml), epochs=epochs, imgsz=p.imgsz, batch=p.batch,
-                     seed=p.seed, deterministic=True, device=p.device, workers=p.workers, lr0=p.lr0,
+                     seed=p.seed, deterministic=True, device=p.device, workers=p.workers,
+                     optimizer=recipe.optimizer, lr0=recipe.lr0, momentum=recipe.momentum,
                      patience=max(epochs, 1), project=str(run_dir.parent), name=run_dir.name, exist_ok=True,
                      plots=False, amp=False, verbose=False, pretrained=False, val=True,
                      warmup_epochs=0)  # the weights are already trained: no warm-up from a high-momentum start

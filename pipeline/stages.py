@@ -62,7 +62,7 @@ STAGES: list[Stage] = [
     Stage("control", "pipeline.control:run",
           "the fair FP32 baseline: the trained model fine-tuned as long as compression fine-tunes, nothing removed",
           params=("data.yaml", "train", "evaluate", "export.opset", "control", "prune.steps", "prune.epochs_per_step",
-                  "qat.epochs"),
+                  "prune.finetune", "qat.epochs"),
           reads=("outputs/train/best.pt", "outputs/train/metrics.json"), outs=("outputs/control/best.pt",),
           metrics=("outputs/control/metrics.json", "outputs/control/gate.json"), alias="control", parent="trained"),
     Stage("sensitivity", "pipeline.sensitivity:run",

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import prune, sensitivity
 from pipeline.io import write_json
@@ -115,10 +116,15 @@ def test_finetune_trains_the_pruned_module_not_a_rebuilt_one(tiny):
     sensitivity.prune_units(model, {"model.4": 0.5})
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    prune.finetune(model, data_yaml, _params(), 1, root / "ft", trained_pt)
+    params = _params()
+    params.prune.finetune.lr0 = 0.0005
+    prune.finetune(model, data_yaml, params, 1, root / "ft", trained_pt)
     after = model.state_dict()
     assert {k: v.shape for k, v in after.items()} == shapes  # still the pruned shapes
     assert any(not torch.equal(before[k], after[k]) for k in after if after[k].is_floating_point())
+    # The fine-tuning recipe is prune.finetune's, not Ultralytics' `auto` (AdamW at ~1e-3 wrecks a trained model)
+    args = yaml.safe_load((root / "ft" / "args.yaml").read_text())
+    assert (args["optimizer"], args["lr0"], args["momentum"], args["warmup_epochs"]) == ("SGD", 0.0005, 0.937, 0)
 
 
 def test_plan_for_another_model_is_refused(tiny, tmp_path):
