@@ -1,9 +1,12 @@
-"""A small synthetic YOLO-format detection dataset that a tiny model learns in minutes on a CPU.
+"""Small synthetic YOLO-format detection datasets that a tiny model learns in minutes on a CPU.
 
-Filled shapes (circle, square, triangle, cross) of random colour and size on varied backgrounds.
-Colour is random per object, so only the shape tells the class. Every box is the exact pixel extent
-of the drawn shape (taken from the shape's own mask), and objects never overlap, so the labels are
-as clean as labels get and mAP is limited by the model, not by the data.
+`kind: shapes` (the demo): filled shapes (circle, square, triangle, cross) of random colour and size on
+flat, gradient or noisy backgrounds. `kind: digits` (a second, harder dataset): the ten digits in Pillow's
+bundled font, rotated up to 25 degrees and of varied stroke weight, on photo-like backgrounds (blotchy
+low-frequency colour with texture), among clutter lines and unlabelled letters the model must learn to
+ignore. Colour is random per object, so only the form tells the class. Every box is the exact pixel extent
+of the drawn object (taken from its own mask), and objects never overlap, so the labels are as clean as
+labels get and mAP is limited by the model, not by the data.
 
 The output is byte-identical for the same params: every image gets its own seeded generator, and
 PNG encoding carries no timestamps.
@@ -18,12 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.params import DEMO_DATA_YAML, DemoParams
 from pipeline.workspace import Workspace
 
 CLASS_NAMES = ["circle", "square", "triangle", "cross"]
+DIGIT_NAMES = [str(d) for d in range(10)]
+DISTRACTORS = "ACEFHKLMNPRTUVWXY"  # letters unlike any digit (no O, I, S, Z, B, G, Q, D)
+MAX_ROTATION_DEG = 25
+
+
+def class_names(kind: str) -> list[str]:
+    return {"shapes": CLASS_NAMES, "digits": DIGIT_NAMES}[kind]
 MIN_SIZE_FRACTION = 0.08  # of the image side
 MAX_SIZE_FRACTION = 0.45
 MIN_CONTRAST = 120.0  # RGB distance between an object and the background under it
@@ -94,7 +104,7 @@ def _write_dataset(root: Path, p: DemoParams) -> None:
         for i in range(n_images):
             rng = np.random.default_rng([p.seed, split_index, i])
             max_objects = 0 if i in empty_indices else p.max_objects
-            image, label_lines = make_image(rng, p.imgsz, max_objects)
+            image, label_lines = make_image(rng, p.imgsz, max_objects, p.kind)
             name = f"img_{i:04d}"
             image.save(root / "images" / split / f"{name}.png", optimize=False)
             (root / "labels" / split / f"{name}.txt").write_text("".join(line + "\n" for line in label_lines))
@@ -104,7 +114,7 @@ def _write_dataset(root: Path, p: DemoParams) -> None:
     data = {
         "train": "images/train",
         "val": "images/val",
-        "names": dict(enumerate(CLASS_NAMES)),
+        "names": dict(enumerate(class_names(p.kind))),
     }
     (root / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
@@ -114,9 +124,10 @@ def _evenly_spaced(k: int, n: int) -> set[int]:
     return {j * n // k for j in range(k)} if k else set()
 
 
-def make_image(rng: np.random.Generator, size: int, max_objects: int) -> tuple[Image.Image, list[str]]:
-    """One image with 1..max_objects shapes (none if max_objects is 0) and its YOLO label lines."""
-    pixels = _background(rng, size)
+def make_image(rng: np.random.Generator, size: int, max_objects: int,
+               kind: str = "shapes") -> tuple[Image.Image, list[str]]:
+    """One image with 1..max_objects objects (none if max_objects is 0) and its YOLO label lines."""
+    pixels = _background(rng, size) if kind == "shapes" else _photo_background(rng, size)
     image = Image.fromarray(pixels, "RGB")
     _draw_clutter(rng, image)
     background = np.asarray(image, dtype=np.float32)
@@ -125,7 +136,7 @@ def make_image(rng: np.random.Generator, size: int, max_objects: int) -> tuple[I
     taken: list[tuple[int, int, int, int]] = []
     label_lines = []
     for _ in range(n_objects):
-        placed = _place_shape(rng, size, taken)
+        placed = _place_object(rng, size, taken, kind)
         if placed is None:
             continue
         class_id, mask = placed
@@ -138,6 +149,8 @@ def make_image(rng: np.random.Generator, size: int, max_objects: int) -> tuple[I
         w = (right - left) / size
         h = (bottom - top) / size
         label_lines.append(f"{class_id} {x:.6f} {y:.6f} {w:.6f} {h:.6f}")
+    if kind == "digits":
+        _draw_distractors(rng, image, taken)
     return image, label_lines
 
 
@@ -167,23 +180,78 @@ def _draw_clutter(rng: np.random.Generator, image: Image.Image) -> None:
         draw.line([start, end], fill=colour, width=1)
 
 
-def _place_shape(rng: np.random.Generator, size: int,
-                 taken: list[tuple[int, int, int, int]]) -> tuple[int, Image.Image] | None:
+def _place_object(rng: np.random.Generator, size: int, taken: list[tuple[int, int, int, int]],
+                  kind: str) -> tuple[int, Image.Image] | None:
     """Pick a class, size and position that does not touch any taken box; return (class, mask)."""
     low = max(4, round(MIN_SIZE_FRACTION * size))
     high = max(low, round(MAX_SIZE_FRACTION * size))
     for _ in range(PLACEMENT_TRIES):
-        class_id = int(rng.integers(0, len(CLASS_NAMES)))
+        class_id = int(rng.integers(0, len(class_names(kind))))
         side = int(rng.integers(low, high + 1))
-        left = int(rng.integers(0, size - side + 1))
-        top = int(rng.integers(0, size - side + 1))
-        box = (left, top, left + side, top + side)
+        if kind == "digits":
+            glyph = _glyph_mask(DIGIT_NAMES[class_id], side, rng)
+            left = int(rng.integers(0, size - glyph.width + 1))
+            top = int(rng.integers(0, size - glyph.height + 1))
+            left_ink, top_ink, right_ink, bottom_ink = glyph.getbbox()
+            box = (left + left_ink, top + top_ink, left + right_ink, top + bottom_ink)
+        else:
+            left = int(rng.integers(0, size - side + 1))
+            top = int(rng.integers(0, size - side + 1))
+            box = (left, top, left + side, top + side)
         if any(_touches(box, other) for other in taken):
             continue
         mask = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(mask), class_id, box, rng)
+        if kind == "digits":
+            mask.paste(glyph, (left, top))
+        else:
+            _draw_shape(ImageDraw.Draw(mask), class_id, box, rng)
         return class_id, mask
     return None
+
+
+def _glyph_mask(text: str, side: int, rng: np.random.Generator) -> Image.Image:
+    """A binary mask of `text` about `side` pixels tall, of random stroke weight and rotation, cropped to its
+    ink and never wider or taller than `side` (so it fits wherever a shape of that side fits)."""
+    font = ImageFont.load_default(size=max(6, round(side * 1.3)))  # cap height is ~0.75 of the font size
+    stroke = int(rng.integers(0, max(1, side // 12) + 1))
+    left, top, right, bottom = font.getbbox(text, stroke_width=stroke)
+    glyph = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    ImageDraw.Draw(glyph).text((1 - left, 1 - top), text, fill=255, font=font, stroke_width=stroke,
+                               stroke_fill=255)
+    glyph = glyph.rotate(float(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)), resample=Image.BILINEAR,
+                         expand=True)
+    glyph = glyph.point(lambda v: 255 if v >= 128 else 0)  # hard edges: the box is the exact ink extent
+    glyph = glyph.crop(glyph.getbbox())
+    scale = side / max(glyph.size)
+    if scale < 1:
+        glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))),
+                             Image.NEAREST)
+    return glyph
+
+
+def _photo_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    # Blotchy low-frequency colour (a few random colours smoothly interpolated over the image) with fine
+    # texture on top: closer to a photograph than flat colour, and no colour tells where objects are.
+    cells = int(rng.integers(2, 6))
+    coarse = rng.integers(0, 256, size=(cells, cells, 3)).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(coarse, "RGB").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    pixels += rng.normal(0.0, float(rng.uniform(4.0, 20.0)), size=(size, size, 3)).astype(np.float32)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _draw_distractors(rng: np.random.Generator, image: Image.Image, taken: list[tuple[int, int, int, int]]) -> None:
+    # Unlabelled letters of the same font, weights and colours as the digits, clear of every labelled box:
+    # the model must tell digits from other glyphs, not just find glyphs.
+    size = image.width
+    low, high = max(4, round(MIN_SIZE_FRACTION * size)), max(4, round(MAX_SIZE_FRACTION * size * 0.6))
+    for _ in range(int(rng.integers(0, 3))):
+        glyph = _glyph_mask(str(rng.choice(list(DISTRACTORS))), int(rng.integers(low, high + 1)), rng)
+        left = int(rng.integers(0, size - glyph.width + 1))
+        top = int(rng.integers(0, size - glyph.height + 1))
+        if any(_touches((left, top, left + glyph.width, top + glyph.height), box) for box in taken):
+            continue
+        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        image.paste(colour, (left, top), glyph)
 
 
 def _touches(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:

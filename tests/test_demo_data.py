@@ -154,3 +154,50 @@ def test_default_demo_is_quick_to_generate(tmp_path):
     assert len(list((data_yaml.parent / "images/train").iterdir())) == 240
     assert len(list((data_yaml.parent / "images/val").iterdir())) == 60
     assert seconds < 30  # about 2-3 s on a laptop core; the bound only catches a pathological slowdown
+
+
+DIGITS = DemoParams(kind="digits", seed=3, n_train=40, n_val=10, n_empty=2, imgsz=160, max_objects=4)
+
+
+def test_digits_dataset_has_ten_classes_and_exact_boxes(tmp_path, monkeypatch):
+    import ultralytics.data.utils as ultralytics_data
+    monkeypatch.setattr(ultralytics_data, "check_font", lambda *args, **kwargs: None)
+
+    root = generate_demo(tmp_path / "digits", DIGITS).parent
+    data = ultralytics_data.check_det_dataset(str(root / "data.yaml"), autodownload=False)
+    assert data["nc"] == 10 and data["names"] == {d: str(d) for d in range(10)}
+    train = _labels(root, "train")
+    assert {int(line.split()[0]) for lines in train for line in lines} == set(range(10))
+
+    # The object's colour is one flat colour on a noisy background: inside its box, the pixels of the most
+    # common colour are the glyph, and their extent must be the label box exactly.
+    checked = 0
+    for split in ("train", "val"):
+        for label in sorted((root / "labels" / split).glob("*.txt")):
+            pixels = np.asarray(Image.open(root / "images" / split / f"{label.stem}.png")).astype(np.int64)
+            packed = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+            for line in label.read_text().splitlines():
+                _, x, y, w, h = map(float, line.split())
+                left, right = round((x - w / 2) * 160), round((x + w / 2) * 160)
+                top, bottom = round((y - h / 2) * 160), round((y + h / 2) * 160)
+                assert 0 <= left < right <= 160 and 0 <= top < bottom <= 160
+                inside = packed[top:bottom, left:right]
+                colours, counts = np.unique(inside, return_counts=True)
+                rows, cols = np.nonzero(inside == colours[np.argmax(counts)])
+                assert (cols.min(), cols.max() + 1, rows.min(), rows.max() + 1) == (0, right - left, 0, bottom - top)
+                checked += 1
+    assert checked > 50
+
+
+def test_digits_generation_is_byte_identical_and_kind_is_part_of_the_marker(tmp_path):
+    first = generate_demo(tmp_path / "a", DIGITS).parent
+    again = generate_demo(tmp_path / "b", DIGITS).parent
+    assert _files(first) == _files(again)
+    assert json.loads((first / "demo.json").read_text())["params"]["kind"] == "digits"
+    shapes = generate_demo(tmp_path / "a", DIGITS.model_copy(update={"kind": "shapes"})).parent
+    assert yaml.safe_load((shapes / "data.yaml").read_text())["names"] == dict(enumerate(CLASS_NAMES))
+
+
+def test_unknown_dataset_kind_is_refused():
+    with pytest.raises(ValueError, match="kind"):
+        DemoParams(kind="letters")
