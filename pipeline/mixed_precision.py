@@ -3,6 +3,9 @@ qat gate's accuracy floor holds or `qat.max_float_layers` convs are float.
 
 Each quantizable conv's own INT8 sensitivity is the mAP50-95 gained, on a fixed val subset
 (`qat.mixed_precision_val_images`), by leaving that conv alone in float with every other one quantized.
+That probe is a quantize + evaluate per conv, so only the `qat.mixed_precision_probes` convs with the largest
+local INT8 error get it: the relative error of a conv's output when its input and weights alone are quantized
+as the INT8 model quantizes them, on the float model's own tensors (`local_errors`, one ORT pass).
 Convs then go back to float in that order; after each, the whole model is re-quantized (the same QAT ranges
 or PTQ calibration) and measured on the full val split, the split the gate reads, so the stopping rule and
 the gate agree. Every remaining quantized conv still runs as an ORT integer kernel (counted in ORT's
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -68,6 +72,59 @@ def accuracy(artifact: Path, data_yaml: Path, params: Params, max_images: int | 
     from pipeline import evaluate
 
     return evaluate.accuracy(artifact, data_yaml, params, max_images=max_images)
+
+
+def local_errors(float_onnx: Path, conv_names: list[str], calib_images: list[Path], weight_bits: int,
+                 activation_qparams: dict[str, tuple[float, int]] | None = None) -> dict[str, float]:
+    """{conv: ||y_q - y|| / ||y||}, where y is the conv's output in the float model on `calib_images` and y_q
+    the same conv computed from its input quantized to uint8 (the QAT range when `activation_qparams` has one,
+    else the min/max seen, as calibration would) and its weights per output channel to `weight_bits`.
+
+    Only this conv is quantized, so the error is its own, not what upstream convs pass on: a cheap ranking
+    for which convs to probe, not a measure of the model's accuracy."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn.functional as F
+    from onnx import numpy_helper
+
+    model = int8.load_onnx(float_onnx)
+    nodes = {n.name: n for n in model.graph.node if n.name in set(conv_names)}
+    weights = {i.name: i for i in model.graph.initializer}
+    wanted = sorted({t for n in nodes.values() for t in (n.input[0], n.output[0])})
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in existing)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    height, width = int8.input_image_size(model, float_onnx)
+    input_name = session.get_inputs()[0].name
+    runs = [dict(zip(names, session.run(None, {input_name: int8.letterboxed_input(p, height, width)})))
+            for p in calib_images]
+    qmax = 2 ** (weight_bits - 1) - 1
+    errors = {}
+    for name, node in nodes.items():
+        x = torch.from_numpy(np.concatenate([r[node.input[0]] for r in runs]))
+        y = torch.from_numpy(np.concatenate([r[node.output[0]] for r in runs]))
+        if activation_qparams and node.input[0] in activation_qparams:
+            scale, zero = activation_qparams[node.input[0]]
+        else:
+            low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+            scale = max(high - low, 1e-8) / 255
+            zero = int(round(-low / scale))
+        xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+        w = torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy())
+        w_scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / qmax
+        wq = torch.clamp(torch.round(w / w_scale), -qmax, qmax) * w_scale
+        bias = torch.from_numpy(numpy_helper.to_array(weights[node.input[2]]).copy()) if len(node.input) > 2 else None
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        xq = F.pad(xq, (pads[1], pads[3], pads[0], pads[2]))
+        yq = F.conv2d(xq, wq, bias, stride=tuple(attrs.get("strides", (1, 1))),
+                      dilation=tuple(attrs.get("dilations", (1, 1))), groups=int(attrs.get("group", 1)))
+        errors[name] = float((yq - y).norm() / y.norm().clamp_min(1e-12))
+    return errors
 
 
 class FloatConv(nn.Module):
@@ -153,12 +210,15 @@ def run_mixed_precision(candidates: dict[str, dict], reference_float: dict, refe
                                       target_cpu=candidate["quantization"].get("target_cpu"), exclude_convs=exclude)
 
         convs = [n.name for n in int8.feature_conv_nodes(int8.load_onnx(source["float_onnx"]))]
+        errors = local_errors(source["float_onnx"], convs, calib_images[:4],
+                              candidate["quantization"]["weight_bits"], source["qparams"])
+        probed = sorted(convs, key=lambda c: (-errors[c], c))[:q.mixed_precision_probes]
         subset = q.mixed_precision_val_images
         probe = work / "probe.onnx"
         build([], probe)
         all_int8 = accuracy(probe, data_yaml, params, max_images=subset)["map50_95"]
         gains = {}
-        for conv in convs:
+        for conv in probed:
             build([conv], probe)
             gains[conv] = accuracy(probe, data_yaml, params, max_images=subset)["map50_95"] - all_int8
 
@@ -169,7 +229,8 @@ def run_mixed_precision(candidates: dict[str, dict], reference_float: dict, refe
         record = return_to_float(gains, measure_full, floor, q.max_float_layers, best)
         kept = record["kept"]["float_layers"]
         record.update({"mode": q.mixed_precision, "base": base, "val_subset_images": subset,
-                       "subset_all_int8_map50_95": all_int8, "gains": gains})
+                       "subset_all_int8_map50_95": all_int8, "gains": gains, "convs": len(convs),
+                       "local_errors": {c: round(errors[c], 5) for c in probed}})
         if not kept:
             record["candidate"] = None
             return record

@@ -189,6 +189,9 @@ class QatParams(Section):
     mixed_precision: Annotated[Literal["auto", "always", "off"], BeforeValidator(_bare_off)] = "auto"
     max_float_layers: int = Field(4, ge=0)  # the most convs returned to float
     mixed_precision_val_images: int = Field(16, ge=1)  # val subset each conv's sensitivity is measured on
+    # Only this many convs get the mAP probe (a quantize + evaluate each): those with the largest local INT8
+    # error (one ORT pass, see mixed_precision.local_errors). Probing all 187 of YOLOv9t's took over 15 min.
+    mixed_precision_probes: int = Field(12, ge=1)
     # max_map_drop: vs the best float model of the run (the control or the pruned FP32 model)
     gates: StageGates = StageGates(max_map_drop=0.05, max_file_mb=5, max_latency_ratio=1.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import int8, mixed_precision, qat
@@ -80,6 +81,39 @@ def test_excluded_convs_stay_float_and_the_rest_still_fuse(tmp_path):
         int8.quantize_onnx(fp32, tmp_path / "bad.onnx", images, exclude_convs=["no_such_conv"])
 
 
+def test_local_error_ranks_a_badly_quantizable_conv_first(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.test_int8 import IMGSZ, _tiny_model
+    from pipeline.demo_data import generate_demo
+    from pipeline.evaluate import export_fp32_onnx
+    from pipeline.params import DemoParams
+
+    data_yaml = generate_demo(tmp_path / "data", DemoParams(n_train=4, n_val=2, n_empty=0, imgsz=IMGSZ, max_objects=2))
+    pt = qat.save_checkpoint(_tiny_model(), tmp_path / "tiny.pt", {"train_args": {"imgsz": IMGSZ, "task": "detect"}})
+    fp32 = export_fp32_onnx(pt, tmp_path / "fp32.onnx", IMGSZ, opset=17, simplify=True)
+    images = int8.calibration_image_paths(data_yaml, 2)
+    model = int8.load_onnx(fp32)
+    convs = [n.name for n in int8.feature_conv_nodes(model)]
+    # One outlier weight per output channel: per-channel INT8 then rounds every other weight of that conv to 0.
+    damaged = next(n for n in model.graph.node if n.name == convs[len(convs) // 2])
+    init = next(i for i in model.graph.initializer if i.name == damaged.input[1])
+    w = numpy_helper.to_array(init).copy()
+    w.reshape(w.shape[0], -1)[:, 0] = 1000 * np.abs(w).max()
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, tmp_path / "damaged.onnx")
+
+    errors = mixed_precision.local_errors(tmp_path / "damaged.onnx", convs, images, weight_bits=8)
+    assert set(errors) == set(convs)
+    assert max(errors, key=errors.get) == damaged.name
+    assert errors[damaged.name] > 2 * max(e for c, e in errors.items() if c != damaged.name)
+    clean = mixed_precision.local_errors(fp32, convs, images, weight_bits=8)
+    assert max(clean.values()) < 0.2 and min(clean.values()) > 0  # INT8 is close, but not exact, everywhere
+    assert all(clean[c] <= e for c, e in mixed_precision.local_errors(fp32, convs, images, weight_bits=7).items()
+               if c in clean and e > 1e-3)  # 7-bit weights lose more than 8-bit
+
+
 def _float_convs(onnx_path) -> set[str]:
     """Conv nodes of a QDQ graph whose weight is not dequantized from int8, i.e. that run in float."""
     graph = int8.load_onnx(onnx_path).graph
@@ -116,7 +150,7 @@ def test_real_qat_run_returns_sensitive_convs_to_float(tmp_path, monkeypatch):
         "train": {"imgsz": IMGSZ, "batch": 2},
         "evaluate": {"batch": 2, "warmup": 1, "runs": 2},
         "qat": {"epochs": 1, "calib_images": 2, "activation": "silu", "ptq": False, "mixed_precision": "auto",
-                "max_float_layers": 3, "mixed_precision_val_images": 2,
+                "max_float_layers": 3, "mixed_precision_val_images": 2, "mixed_precision_probes": 1000,
                 # floor 0.55: above every all-INT8 candidate (real mAP 0), met with both sensitive convs float
                 "gates": {"min_map50_95": 0.55, "max_map_drop": None, "max_file_mb": 20, "max_latency_ratio": None}},
     })
@@ -132,6 +166,7 @@ def test_real_qat_run_returns_sensitive_convs_to_float(tmp_path, monkeypatch):
     assert set(mp["latency_ms"]) == {"all_int8", "mixed"} and isinstance(mp["latency_cost_ms"], float)
     # Sensitivities on the val subset, the steps on the full val split the gate reads.
     assert {m[0] for m in measured} == {2, None}
+    assert sum(1 for m in measured if m[0] == 2) == 1 + mp["convs"] == 1 + len(mp["local_errors"])  # all probed
 
     candidates = json.loads((out / "candidates.json").read_text())["candidates"]
     name = mp["candidate"]
