@@ -32,6 +32,11 @@ from pipeline import int8, latency
 from pipeline.params import Params
 
 
+# Images the local INT8 errors are computed on: a ranking, not a measurement, and every conv's input and
+# output tensors of each image are held in memory at once.
+LOCAL_ERROR_IMAGES = 4
+
+
 class MixedPrecisionError(RuntimeError):
     pass
 
@@ -210,7 +215,7 @@ def run_mixed_precision(candidates: dict[str, dict], reference_float: dict, refe
                                       target_cpu=candidate["quantization"].get("target_cpu"), exclude_convs=exclude)
 
         convs = [n.name for n in int8.feature_conv_nodes(int8.load_onnx(source["float_onnx"]))]
-        errors = local_errors(source["float_onnx"], convs, calib_images[:4],
+        errors = local_errors(source["float_onnx"], convs, calib_images[:LOCAL_ERROR_IMAGES],
                               candidate["quantization"]["weight_bits"], source["qparams"])
         probed = sorted(convs, key=lambda c: (-errors[c], c))[:q.mixed_precision_probes]
         subset = q.mixed_precision_val_images
