@@ -114,13 +114,10 @@ def nncf_source(ws: Workspace, qat_metrics: dict, work: Path) -> tuple[Path, str
     FP32 model."""
     if not qat_metrics.get("qat_torch_pt"):
         return ws.input("outputs/qat/pruned_fp32.onnx"), "pruned"
-    import torch
+    from pipeline.qat import export_float_onnx, load_checkpoint
 
-    from pipeline.qat import export_float_onnx
-
-    qat_pt = ws.input("outputs/qat/qat_model.pt")
-    ckpt = torch.load(qat_pt, map_location="cpu", weights_only=False)
-    return export_float_onnx(ckpt["model"].float().eval(), ckpt, work / "qat_float.onnx", ws.params), "qat"
+    model, ckpt = load_checkpoint(ws.input("outputs/qat/qat_model.pt"))
+    return export_float_onnx(model, ckpt, work / "qat_float.onnx", ws.params), "qat"
 
 
 def ultralytics_metadata(onnx_path: Path) -> dict:

@@ -92,6 +92,8 @@ def local_errors(float_onnx: Path, conv_names: list[str], calib_images: list[Pat
     import torch.nn.functional as F
     from onnx import numpy_helper
 
+    from pipeline.qat import ACT_QMAX, ACT_QMIN, ActivationQuant, fake_quant_weight
+
     model = int8.load_onnx(float_onnx)
     nodes = {n.name: n for n in model.graph.node if n.name in set(conv_names)}
     weights = {i.name: i for i in model.graph.initializer}
@@ -107,21 +109,19 @@ def local_errors(float_onnx: Path, conv_names: list[str], calib_images: list[Pat
     input_name = session.get_inputs()[0].name
     runs = [dict(zip(names, session.run(None, {input_name: int8.letterboxed_input(p, height, width)})))
             for p in calib_images]
-    qmax = 2 ** (weight_bits - 1) - 1
     errors = {}
     for name, node in nodes.items():
         x = torch.from_numpy(np.concatenate([r[node.input[0]] for r in runs]))
         y = torch.from_numpy(np.concatenate([r[node.output[0]] for r in runs]))
         if activation_qparams and node.input[0] in activation_qparams:
             scale, zero = activation_qparams[node.input[0]]
-        else:
-            low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-            scale = max(high - low, 1e-8) / 255
-            zero = int(round(-low / scale))
-        xq = (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
-        w = torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy())
-        w_scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / qmax
-        wq = torch.clamp(torch.round(w / w_scale), -qmax, qmax) * w_scale
+        else:  # the range calibration would give: QAT's own observer, fed these tensors
+            observer = ActivationQuant()
+            observer.observe = True
+            observer(x)
+            scale, zero = observer.qparams()
+        xq = torch.fake_quantize_per_tensor_affine(x, scale, zero, ACT_QMIN, ACT_QMAX)
+        wq = fake_quant_weight(torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy()), weight_bits)
         bias = torch.from_numpy(numpy_helper.to_array(weights[node.input[2]]).copy()) if len(node.input) > 2 else None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         pads = list(attrs.get("pads", [0, 0, 0, 0]))
@@ -168,9 +168,7 @@ def _source(candidate: dict, reference_onnx: Path, params: Params, work: Path) -
 
     if candidate["method"] != "qat":
         return {"float_onnx": reference_onnx, "qparams": None, "model": None}
-    pt = Path(candidate["qat_torch_pt"])
-    ckpt = torch.load(pt, map_location="cpu", weights_only=False)
-    model = ckpt["model"].float().eval()
+    model, ckpt = qat.load_checkpoint(candidate["qat_torch_pt"])
     float_onnx = qat.export_float_onnx(model, ckpt, work / "mixed_source_fp32.onnx", params)
     mapping = qat.map_convs_to_onnx(model, float_onnx)
     return {"float_onnx": float_onnx, "qparams": qat.activation_qparams(model, mapping), "model": model,

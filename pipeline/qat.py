@@ -250,6 +250,12 @@ def save_checkpoint(model: nn.Module, path: Path, base_ckpt: dict, **extra) -> P
     return surgery.save_checkpoint(model, path, base_ckpt, half=False, **extra)
 
 
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """(the fake-quant model in float32 eval mode, the checkpoint dict) of a `save_checkpoint` file."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["model"].float().eval(), ckpt
+
+
 def export_float_onnx(model: nn.Module, base_ckpt: dict, out_onnx: Path, params: Params) -> Path:
     """The QAT model's BN-folded float weights as an Ultralytics ONNX export (fake quantization off)."""
 
