@@ -31,9 +31,6 @@ DIGIT_NAMES = [str(d) for d in range(10)]
 DISTRACTORS = "ACEFHKLMNPRTUVWXY"  # letters unlike any digit (no O, I, S, Z, B, G, Q, D)
 MAX_ROTATION_DEG = 25
 
-
-def class_names(kind: str) -> list[str]:
-    return {"shapes": CLASS_NAMES, "digits": DIGIT_NAMES}[kind]
 MIN_SIZE_FRACTION = 0.08  # of the image side
 MAX_SIZE_FRACTION = 0.45
 MIN_CONTRAST = 120.0  # RGB distance between an object and the background under it
@@ -41,6 +38,10 @@ PLACEMENT_TRIES = 50
 GAP_PX = 2  # free pixels kept between objects so boxes never touch
 MARKER_FILE = "demo.json"
 GENERATOR_VERSION = 1  # bump when the drawing code changes, so old datasets are regenerated
+
+
+def class_names(kind: str) -> list[str]:
+    return {"shapes": CLASS_NAMES, "digits": DIGIT_NAMES}[kind]
 
 
 def run(ws: Workspace) -> dict:
