@@ -125,6 +125,9 @@ class LatencyPlanParams(Section):
 class SensitivityParams(Section):
     ratios: list[float] = [0.2, 0.4, 0.6, 0.8]
     val_images: int = 32  # fixed val subset, the first N images in sorted order
+    # train images re-estimating each pruned copy's BatchNorm statistics before it is measured (adaptive BN,
+    # as in EagleEye); the unpruned baseline gets the same. 0 measures the copies as they are
+    bn_images: int = Field(32, ge=0)
     max_drop: float = 0.005  # per-layer mAP50-95 budget when building the plan
     # macs / params: the plan removes target_reduction of them; latency: of the measured ORT latency, picking
     # channel and depth units by measured ms saved per mAP lost

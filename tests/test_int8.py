@@ -161,6 +161,7 @@ def test_finalize_copies_metadata_keeps_integer_convs_and_predicts(tiny):
     final = tiny["folder"] / "final" / "model_int8.onnx"
     report = int8.finalize_int8(chosen, tiny["fp32"], final)
     assert report["integer_convs_after"] == report["integer_convs_before"] > 0
+    assert report["dfl_softmax_rewritten"] == 1
     metadata = {p.key: p.value for p in int8.load_onnx(final).metadata_props}
     for key in ("names", "stride", "imgsz", "task"):
         assert key in metadata
@@ -177,6 +178,22 @@ def test_finalize_copies_metadata_keeps_integer_convs_and_predicts(tiny):
     int8.save_onnx_atomic(stripped, bare)
     int8.copy_metadata(tiny["fp32"], bare)
     assert {p.key for p in int8.load_onnx(bare).metadata_props} == set(metadata) - {"int8_target_cpu", "int8_weight_bits"}
+
+
+def test_dfl_softmax_rewrite_keeps_the_outputs(tiny):
+    model = int8.load_onnx(tiny["fp32"])
+    softmax_axes = lambda m: [a.i for n in m.graph.node if n.op_type == "Softmax" for a in n.attribute]  # noqa: E731
+    assert softmax_axes(model) == [1]
+    assert int8.rewrite_dfl_softmax(model) == 1
+    assert softmax_axes(model) == [-1]
+    assert not [n for n in model.graph.node if n.op_type == "Conv" and "dfl" in n.name]
+    onnx.checker.check_model(model, full_check=True)
+    rewritten = int8.save_onnx_atomic(model, tiny["folder"] / "dfl_rewritten.onnx")
+    x = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    before, after = int8.ort_outputs(tiny["fp32"], x), int8.ort_outputs(rewritten, x)
+    assert before[0].shape == after[0].shape
+    assert np.allclose(before[0], after[0], atol=1e-4)
+    assert int8.rewrite_dfl_softmax(model) == 0  # already rewritten: nothing matches twice
 
 
 def test_clear_errors(tmp_path, tiny):

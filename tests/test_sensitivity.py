@@ -112,6 +112,31 @@ def test_evaluate_group_with_the_real_evaluator(tiny):
     assert row["channels_removed"] > 0
 
 
+def test_batchnorm_recalibration_uses_the_train_images_statistics(tiny):
+    import torch
+
+    from pipeline import int8
+
+    trained_pt, data_yaml = tiny
+    model, _ = sensitivity.load_model(trained_pt)
+    first = model.model[0]  # conv -> bn -> SiLU
+    untouched = first.bn.running_mean.clone()
+    sensitivity.recalibrate_batchnorm(model, data_yaml, 0, IMGSZ)
+    assert torch.equal(first.bn.running_mean, untouched)
+
+    sensitivity.recalibrate_batchnorm(model, data_yaml, 3, IMGSZ, batch=2)  # two batches: 2 + 1 images
+    x = torch.cat([torch.from_numpy(int8.letterboxed_input(p, IMGSZ, IMGSZ))
+                   for p in int8.calibration_image_paths(data_yaml, 3)])
+    with torch.no_grad():
+        conv_out = first.conv(x)
+    # A cumulative average over the batches: per-image batches of 2 and 1 weigh equally, not by image count.
+    batch_means = [conv_out[:2].mean(dim=(0, 2, 3)), conv_out[2:].mean(dim=(0, 2, 3))]
+    assert torch.allclose(first.bn.running_mean, (batch_means[0] + batch_means[1]) / 2, atol=1e-5)
+    assert not torch.equal(first.bn.running_mean, untouched)
+    assert not model.training and not first.bn.training
+    assert first.bn.momentum == 0.03  # Ultralytics' own momentum comes back for fine-tuning
+
+
 def _rows(curves: dict[str, list[float]], ratios=(0.2, 0.4, 0.6, 0.8)):
     """Synthetic rows: per unit, drops at each ratio; each unit removes 10% params/MACs per 0.2 ratio."""
     rows = []
