@@ -136,6 +136,9 @@ class SensitivityParams(Section):
     latency: LatencyPlanParams = LatencyPlanParams()
     # layer: one unit per Ultralytics layer (and per Detect branch); group: every Torch-Pruning group
     granularity: Literal["layer", "group"] = "layer"
+    # pruned widths are rounded down to a multiple of this (null: exact). CPU INT8 kernels work in blocks of
+    # channels; the same 320 px plan ran 1.30x faster in OpenVINO and 1.16x in ORT with widths of 8k
+    round_to: int | None = Field(8, ge=1)
 
 
 class FinetuneParams(Section):

@@ -75,6 +75,9 @@ def load_plan(plan_json: str | Path, trained_pt: str | Path) -> dict:
     bad = {u: r for u, r in plan["ratios"].items() if not (isinstance(r, (int, float)) and 0 <= r < 1)}
     if bad:
         raise PruneError(f"{plan_json}: ratios must be in [0, 1): {bad}")
+    round_to = plan.get("round_to")
+    if round_to is not None and not (isinstance(round_to, int) and round_to >= 1):
+        raise PruneError(f"{plan_json}: 'round_to' must be a positive integer or null, got {round_to!r}")
     depth = plan.get("depth", [])
     if not isinstance(depth, list) or not all(isinstance(u, str) for u in depth):
         raise PruneError(f"{plan_json}: 'depth' must be a list of depth unit names, got {depth!r}")
@@ -196,7 +199,7 @@ def run_prune(trained_pt: str | Path, plan_json: str | Path, data_yaml: str | Pa
     # bottleneck removed in step 1 gives the fine-tuning every step to recover.
     _, ratios = drop_depth_units(model, depth, {u: float(r) for u, r in plan["ratios"].items() if r > 0}
                                  if structured else {})
-    pruner = UnitPruner(model, ratios, steps=pp.steps) if ratios else None
+    pruner = UnitPruner(model, ratios, steps=pp.steps, round_to=plan.get("round_to")) if ratios else None
     sparsifier = sparsity.Sparsifier(model, pp.sparsity) if pp.method != "structured" else None
     if "map50_95" not in trained_metrics:
         raise PruneError("trained_metrics has no 'map50_95': drops are measured against the trained model's mAP")

@@ -126,7 +126,7 @@ def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params
     `run_sensitivity`, which knows the baseline.
     """
     model, ckpt = load_model(trained_pt)
-    kind = _prune_one(model, trained_pt, group, ratio)
+    kind = _prune_one(model, trained_pt, group, ratio, params.sensitivity.round_to)
     removed = 0 if kind == "depth" else kind
     params_count, macs = surgery.count_params_macs(model, params.train.imgsz)
     metrics = _evaluate_model(model, ckpt, data_yaml, params)
@@ -135,13 +135,14 @@ def evaluate_group(trained_pt: str | Path, data_yaml: str | Path, params: Params
             "map50": metrics["map50"], "params": params_count, "macs": macs, "channels_removed": removed}
 
 
-def _prune_one(model, trained_pt, unit: str, ratio: float):
+def _prune_one(model, trained_pt, unit: str, ratio: float, round_to: int | None = None):
     """Prune `unit` of a fresh copy of the trained model: a depth unit (see surgery.depth_units) is removed
-    whole and gives "depth", a channel unit is pruned at `ratio` and gives the channels removed."""
+    whole and gives "depth", a channel unit is pruned at `ratio` (widths rounded down to multiples of
+    `round_to`) and gives the channels removed."""
     if unit in cached_depth_units(trained_pt):
         drop_depth_units(model, [unit], {})
         return "depth"
-    return prune_units(model, {unit: float(ratio)}, groups=cached_channel_groups(trained_pt))
+    return prune_units(model, {unit: float(ratio)}, groups=cached_channel_groups(trained_pt), round_to=round_to)
 
 
 # ------------------------------------------------------------------------------------------------------ plan
@@ -514,7 +515,7 @@ def time_plan(trained_pt: Path, data_yaml: Path, params: Params, plan: dict, bas
     ratios = {u: r for u, r in plan["ratios"].items() if r > 0}
     _, ratios = drop_depth_units(model, plan.get("depth", []), ratios)
     if ratios:
-        prune_units(model, ratios)
+        prune_units(model, ratios, round_to=params.sensitivity.round_to)
     calib = calibration_image_paths(data_yaml, lat.calib_images) if lat.graph == "int8" else []
     planned = latency_model(model, ckpt, work / "plan.onnx", params, calib)["onnx"]
     t = interleaved({"baseline": baseline_onnx, "plan": planned}, e.threads, warmup=e.warmup, runs=lat.runs,
@@ -578,7 +579,7 @@ def plot_sensitivity(rows: list[dict], baseline: dict, max_drop: float, path: Pa
     plt.close(fig)
 
 
-def _plan_measure(trained_pt, imgsz: int) -> Callable[..., tuple[int, int]]:
+def _plan_measure(trained_pt, imgsz: int, round_to: int | None = None) -> Callable[..., tuple[int, int]]:
     def measure(ratios: dict[str, float], depth: Iterable[str] = ()) -> tuple[int, int]:
         model, _ = load_model(trained_pt)
         depth = list(depth)
@@ -588,7 +589,7 @@ def _plan_measure(trained_pt, imgsz: int) -> Callable[..., tuple[int, int]]:
         else:
             groups = cached_channel_groups(trained_pt)
         if ratios:
-            prune_units(model, ratios, groups=groups)
+            prune_units(model, ratios, groups=groups, round_to=round_to)
         return surgery.count_params_macs(model, imgsz)
 
     return measure
@@ -670,7 +671,7 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
         progress.step(f"{row['group']} at {row['ratio']:.2f}: drop {row['drop']:+.4f}")
 
     channel_rows = [r for r in rows if r["kind"] == "channels"]
-    measure = _plan_measure(trained_pt, params.train.imgsz)
+    measure = _plan_measure(trained_pt, params.train.imgsz, params.sensitivity.round_to)
     if by_latency:
         work = out_dir / ".latency-work"  # absolute, inside the workspace: workers elsewhere write here too
         try:
@@ -688,6 +689,7 @@ def run_sensitivity(trained_pt: str | Path, data_yaml: str | Path, params: Param
                      "depth_units": cached_depth_units(trained_pt), "granularity": granularity,
                      "params": baseline["params"], "macs": baseline["macs"], "imgsz": params.train.imgsz}
     plan["val_images"] = params.sensitivity.val_images
+    plan["round_to"] = params.sensitivity.round_to  # prune keeps the widths this plan was measured with
     skipped, kept = skipped_units(trained_pt, granularity), kept_whole(trained_pt)
     plan["skipped_units"], plan["kept_whole"] = skipped, kept
     plan["reparam"] = reparam.checkpoint_report(trained_pt, params.train.imgsz)

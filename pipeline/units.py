@@ -205,7 +205,7 @@ class UnitPruner:
     """
 
     def __init__(self, model, ratios: dict[str, float], steps: int = 1, groups: dict[str, list[str]] | None = None,
-                 imgsz: int = TRACE_IMGSZ):
+                 imgsz: int = TRACE_IMGSZ, round_to: int | None = None):
         import torch.nn as nn
         import torch_pruning as tp
 
@@ -234,7 +234,7 @@ class UnitPruner:
             self.pruner = tp.pruner.MetaPruner(
                 model, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.0,
                 pruning_ratio_dict={self.convs[root]: ratio for root, ratio in per_root.items()},
-                iterative_steps=steps,
+                iterative_steps=steps, round_to=round_to,
                 ignored_layers=surgery.ignored_head_layers(model) + surgery.opaque_modules(model) + others,
                 root_module_types=[nn.Conv2d], **surgery.pruner_setup(imgsz))
         model.train(was_training)
@@ -250,10 +250,11 @@ class UnitPruner:
         return sum(before[root] - after[root] for root in before)
 
 
-def prune_units(model, ratios: dict[str, float], groups: dict[str, list[str]] | None = None) -> int:
+def prune_units(model, ratios: dict[str, float], groups: dict[str, list[str]] | None = None,
+                round_to: int | None = None) -> int:
     """Prune `model` in place in one step: each group inside a unit of `ratios` keeps (1 - ratio) of its
     channels. Returns the number of channels removed. See `UnitPruner`."""
-    return UnitPruner(model, ratios, groups=groups).step()
+    return UnitPruner(model, ratios, groups=groups, round_to=round_to).step()
 
 
 # ------------------------------------------------------------------------------------------------ latency

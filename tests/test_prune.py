@@ -108,6 +108,35 @@ def test_pruned_model_trains_exports_and_loads_elsewhere(tiny, monkeypatch):
     assert "OK C2fSplit" in done.stdout
 
 
+def test_plan_round_to_keeps_pruned_widths_at_multiples(tiny, tmp_path):
+    import torch.nn as nn
+
+    trained_pt, data_yaml, _ = tiny
+    units = {"model.8": 0.3, "model.15": 0.3}
+
+    def unit_widths(model):
+        return {name: m.out_channels for name, m in model.named_modules()
+                if isinstance(m, nn.Conv2d) and any(sensitivity.in_unit(name, u) for u in units)}
+
+    exact, _ = sensitivity.load_model(trained_pt)
+    sensitivity.prune_units(exact, units)
+    assert any(w % 8 for w in unit_widths(exact).values())  # 30% of these widths is not a multiple of 8
+
+    plan = _plan(trained_pt, units)
+    plan["round_to"] = 8
+    write_json(tmp_path / "plan.json", plan)
+    prune.run_prune(trained_pt, tmp_path / "plan.json", data_yaml, _params(), tmp_path / "out", TRAINED_METRICS)
+    pruned, _ = sensitivity.load_model(tmp_path / "out" / "best.pt")
+    widths = unit_widths(pruned)
+    assert widths and all(w % 8 == 0 for w in widths.values()), widths
+    assert sum(widths.values()) < sum(unit_widths(exact).values())  # rounded down, never up
+
+    plan["round_to"] = 0
+    write_json(tmp_path / "bad.json", plan)
+    with pytest.raises(prune.PruneError, match="bad.json: 'round_to' must be a positive integer or null, got 0"):
+        prune.run_prune(trained_pt, tmp_path / "bad.json", data_yaml, _params(), tmp_path / "out2", TRAINED_METRICS)
+
+
 def test_finetune_trains_the_pruned_module_not_a_rebuilt_one(tiny):
     import torch
 

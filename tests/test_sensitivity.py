@@ -91,6 +91,7 @@ def test_run_sensitivity_one_row_per_unit_and_ratio(tiny, tmp_path, monkeypatch)
 
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["model"]["units"] == units and plan["baseline"]["map50_95"] == pytest.approx(0.5)
+    assert plan["round_to"] == 8  # what prune must round widths to, as the rows were measured
     drops = {(r["group"], r["ratio"]): r["drop"] for r in rows}
     for unit, ratio in plan["ratios"].items():
         assert ratio <= plan["budget_ratios"][unit]
