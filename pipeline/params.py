@@ -182,6 +182,7 @@ class DistillParams(Section):
 
 class QatParams(Section):
     epochs: int = 2
+    lr0: float | None = Field(None, gt=0)  # QAT's SGD rate, cosine-decayed; null: a tenth of train.lr0
     activation: Literal["auto", "silu", "relu"] = "auto"
     calib_images: int = 32
     ptq: bool = True  # also build the ORT static-quantization comparator

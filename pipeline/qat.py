@@ -54,7 +54,7 @@ ACT_QMIN, ACT_QMAX = 0, 255  # uint8 activations
 WEIGHT_RANGES = {7: (-64, 64), 8: (-127, 127)}
 DEFAULT_WEIGHT_BITS = 7  # what checkpoints written before qat.target_cpu existed were trained with
 EMA_MOMENTUM = 0.01  # how fast activation ranges follow the training batches
-QAT_LR_FACTOR = 0.1  # QAT fine-tunes at a tenth of the training lr0
+QAT_LR_FACTOR = 0.1  # QAT fine-tunes at a tenth of the training lr0 unless qat.lr0 says otherwise
 _LAYER_ATTRS = ("f", "i", "type", "np")  # what DetectionModel._predict_once needs on a top-level layer
 
 
@@ -309,7 +309,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what:
     model.criterion = None
     for name, p in model.named_parameters():
         p.requires_grad_(".dfl" not in name)  # DFL's conv is a fixed arange, never trained
-    lr0 = params.train.lr0 * QAT_LR_FACTOR
+    lr0 = params.qat.lr0 if params.qat.lr0 is not None else params.train.lr0 * QAT_LR_FACTOR
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr0, momentum=0.937,
                                 nesterov=True)
     if params.prune.method != "structured":  # unstructured pruning's zeros must not regrow in QAT
@@ -340,7 +340,7 @@ def finetune(model: nn.Module, data_yaml: Path, params: Params, log: list, what:
             total += float(loss.detach())
             step += 1
         log.append({"epoch": epoch + 1, "loss": total / max(len(loader), 1), "seconds": round(time.time() - start, 1),
-                    "ranges_frozen": last})
+                    "ranges_frozen": last, "lr0": lr0})
         progress.step(epoch_details(log[-1]["loss"], None, log[-1]["seconds"]))
     set_observers(model, False)
     model.criterion = None  # also drops a distilling criterion: the checkpoint must not pickle the teacher

@@ -23,7 +23,7 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
     params = Params.model_validate({
         "train": {"imgsz": IMGSZ, "batch": 4},
         "evaluate": {"batch": 4, "warmup": 1, "runs": 3},
-        "qat": {"epochs": 1, "calib_images": 4, "activation": "silu",
+        "qat": {"epochs": 1, "lr0": 0.0005, "calib_images": 4, "activation": "silu",
                 "gates": {"max_map_drop": 1.0, "max_file_mb": 20}},
     })
     float_models = {"control": {"map50_95": 0.0}, "pruned": {"map50_95": 0.0}}
@@ -43,6 +43,7 @@ def test_run_qat_writes_measured_candidates_and_a_choice(tmp_path):
         for key in ("map50_95", "latency_ms", "latency_ms_1thr", "latency_ms_2thr"):
             assert m[key] is not None
         assert candidate["passed"] == (not candidate["gate_failures"])
+    assert candidates["qat_int8"]["qat_log"][0]["lr0"] == 0.0005  # qat.lr0, not a tenth of train.lr0
     assert (out / "model_int8.onnx").is_file()
     assert (out / "qat_model.pt").is_file()  # the fake-quant torch model for export's parity check
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics, default=float))
