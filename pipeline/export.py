@@ -60,7 +60,7 @@ def run(ws: Workspace) -> dict:
     if qat_metrics.get("qat_torch_pt"):
         parity = parity_check(model, ws.input("outputs/qat/qat_model.pt"), data_yaml, params)
         metrics["parity"] = parity
-        extra_checks.append({"gate": "parity_with_qat_torch_model", "value": round(parity["abs_diff"], 6),
+        extra_checks.append({"gate": "parity_with_qat_torch_model", "value": round(parity["shortfall"], 6),
                              "limit": PARITY_TOLERANCE, "passed": parity["passed"]})
     write_json(out_dir / "metrics.json", metrics)
     reference = read_json(ws.input("outputs/train/metrics.json"))
