@@ -297,7 +297,7 @@ def build_unit_latency_model(trained_pt: str | Path, data_yaml: str | Path, para
     prepare_ultralytics()
     model, ckpt = load_model(trained_pt)
     if unit is not None:
-        _prune_one(model, trained_pt, unit, params.sensitivity.latency.ratio)
+        _prune_one(model, trained_pt, unit, params.sensitivity.latency.ratio, params.sensitivity.round_to)
     calib = (calibration_image_paths(data_yaml, params.sensitivity.latency.calib_images)
              if params.sensitivity.latency.graph == "int8" else [])
     return {"unit": unit, **latency_model(model, ckpt, out_onnx, params, calib)}
