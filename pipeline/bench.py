@@ -169,8 +169,8 @@ def bench_rows(ws: Workspace, work: Path, runs: int) -> list[dict]:
     else:
         rows.append(accuracy_row("ours: pruned + INT8 (same ONNX file)", "openvino", final_onnx, pruned_pt,
                                  data_yaml, params, accuracy_of=final_onnx))
-    roles = ["fp32", "fp32_dfl", "control", "ultralytics_onnx_int8", "ultralytics_openvino", "ultralytics_openvino_int8",
-             "ours_pruned", "ours_ort", "ours_openvino"]
+    roles = ["fp32", "fp32_dfl", "control", "ultralytics_onnx_int8", "ultralytics_openvino",
+             "ultralytics_openvino_int8", "ours_pruned", "ours_ort", "ours_openvino"]
     for row, role in zip(rows, roles):
         row["role"] = role
     # "mAP vs baseline" divides by the fair baseline: the control, or the trained model where params say so.

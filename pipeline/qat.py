@@ -494,9 +494,7 @@ def run_qat(pruned_pt: str | Path, data_yaml: str | Path, params: Params, out_di
     for name, candidate in candidates.items():
         candidate["metrics"] = _measure_onnx(Path(candidate["path"]), data_yaml, params)
         if candidate["method"] == "qat":  # what export's parity check will find (it is not a gate here)
-            shortfall = candidate["qat_torch_map50_95"] - candidate["metrics"]["map50_95"]  # one-sided, as there
-            candidate["parity"] = {"abs_diff": abs(shortfall), "shortfall": shortfall,
-                                   "passed": bool(shortfall <= int8.PARITY_TOLERANCE)}
+            candidate["parity"] = int8.parity_verdict(candidate["metrics"]["map50_95"], candidate["qat_torch_map50_95"])
     # Adds a <base>_mixed candidate (some convs back in float) when the accuracy floor calls for it.
     mixed = mixed_precision.run_mixed_precision(candidates, reference_float, reference_onnx, data_yaml, params,
                                                 out_dir, calib_images, _measure_onnx)
